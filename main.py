@@ -1,0 +1,70 @@
+"""P-Tuning v2 for chat models: parse → validate → load → patch → data → train → export → predict."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ptuning.errors import UserError
+
+logger = logging.getLogger("ptuning")
+
+
+def run(argv=None) -> None:
+    import ptuning
+    from ptuning.args import parse_args
+    from ptuning.data import ColumnSpec, build_dataset, load_rows, validate_rows
+    from ptuning.infer import preview, print_prompt_reply, run_predict
+    from ptuning.train import check_output_dir, run_training
+
+    model_args, prefix_args, data_args, training_args = parse_args(argv)
+    if not model_args.model_name_or_path:
+        raise UserError("--model_name_or_path is required (a local directory or hub id)")
+    columns = ColumnSpec(data_args.prompt_column, data_args.response_column, data_args.history_column,
+                         data_args.messages_column)
+    if training_args.do_train and not data_args.train_file:
+        raise UserError("--do_train needs --train_file")
+    if training_args.do_predict and not data_args.test_file:
+        raise UserError("--do_predict needs --test_file")
+    for path in (data_args.train_file, data_args.validation_file, data_args.test_file):
+        if path:
+            validate_rows(load_rows(path), columns, path)
+    if training_args.do_train:
+        check_output_dir(training_args)
+
+    model, tokenizer = ptuning.load(
+        model_args.model_name_or_path, model_args.ptuning_checkpoint, torch_dtype=model_args.torch_dtype,
+        trust_remote_code=model_args.trust_remote_code, quantization_bit=model_args.quantization_bit,
+        quant_type=model_args.quant_type, double_quant=model_args.double_quant,
+        for_training=training_args.do_train, **vars(prefix_args),
+    )
+    preview_file = data_args.test_file or data_args.validation_file
+    if training_args.do_train:
+        train_set = build_dataset(data_args.train_file, tokenizer, columns, data_args.max_source_length,
+                                  data_args.max_target_length)
+        eval_set = (build_dataset(data_args.validation_file, tokenizer, columns, data_args.max_source_length,
+                                  data_args.max_target_length) if data_args.validation_file else None)
+        before = preview(model, tokenizer, preview_file, columns, data_args, "before training")
+        run_training(model, tokenizer, train_set, eval_set, training_args)
+        preview(model, tokenizer, preview_file, columns, data_args, "after training", before)
+    if training_args.do_predict:
+        run_predict(model, tokenizer, data_args, columns, training_args)
+    if data_args.prompt:
+        print_prompt_reply(model, tokenizer, data_args)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    try:
+        run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

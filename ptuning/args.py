@@ -1,0 +1,118 @@
+"""Command-line configuration as dataclasses, parsed by HfArgumentParser (flags, YAML or JSON files).
+
+Flag names follow ChatGLM-6B's ``ptuning/main.py`` so existing ``train.sh`` files keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+from .errors import UserError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "Local directory or hub id of a causal LM."})
+    torch_dtype: str = field(default="auto", metadata={"help": "auto, bf16, fp16 or fp32 for the frozen base."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run Python code shipped with the model. Only for sources you trust."}
+    )
+    quantization_bit: int | None = field(default=None, metadata={"help": "Load the base in 4 or 8 bits (bitsandbytes)."})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    double_quant: bool = field(default=False, metadata={"help": "Quantize the 4-bit quantization constants too."})
+    ptuning_checkpoint: str | None = field(
+        default=None, metadata={"help": "Prefix checkpoint directory to load (inference, or to continue training)."}
+    )
+
+
+@dataclass
+class PrefixArguments:
+    pre_seq_len: int = field(default=16, metadata={"help": "Number of prefix (virtual) tokens per layer."})
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "Reparameterise the prefix with the Prefix-Tuning 2-layer MLP."}
+    )
+    prefix_hidden_size: int = field(default=512, metadata={"help": "Hidden width of the projection MLP."})
+    prefix_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prefix keys/values in training."})
+    position_offset: bool = field(
+        default=True,
+        metadata={"help": "Start token positions at pre_seq_len (PEFT/HF). False reproduces ChatGLM's P-tuning."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "json/jsonl/csv/parquet file or saved dataset dir."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation data (loss with --do_eval)."})
+    test_file: str | None = field(default=None, metadata={"help": "Prompts for --do_predict."})
+    prompt_column: str | None = field(default=None, metadata={"help": "ChatGLM-style prompt column."})
+    response_column: str | None = field(default=None, metadata={"help": "ChatGLM-style response column."})
+    history_column: str | None = field(default=None, metadata={"help": "Column of [prompt, response] pairs."})
+    messages_column: str | None = field(
+        default=None, metadata={"help": "OpenAI-style messages column (default: auto-detect messages/conversations)."}
+    )
+    max_source_length: int = field(default=256, metadata={"help": "Prompt tokens kept (the end is kept)."})
+    max_target_length: int = field(default=128, metadata={"help": "Response tokens kept per trained reply."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt in predict/prompt mode."})
+    prompt: str | None = field(default=None, metadata={"help": "One-shot mode: generate a reply to this prompt."})
+    preview_samples: int = field(
+        default=0, metadata={"help": "Print greedy generations for this many test/validation prompts before and after training."}
+    )
+
+
+@dataclass
+class PtuningTrainingArguments(Seq2SeqTrainingArguments):
+    output_dir: str = field(default="output/ptuning", metadata={"help": "Where checkpoints and the prefix go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
+    )
+    predict_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate() call."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, PrefixArguments, DataArguments, PtuningTrainingArguments)
+
+
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path!r}: file not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise UserError(f"--config {path!r}: cannot parse ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path!r}: expected a mapping of flag names to values")
+    return data
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse flags; ``--config file.yaml|json`` supplies defaults that explicit flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config: expected a file path")
+        file_args = _read_config_file(argv[i + 1])
+        del argv[i : i + 2]
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(file_args) - known)
+        if unknown:
+            raise UserError(f"config file: unknown keys {unknown}")
+        parser.set_defaults(**file_args)
+    namespace, rest = parser.parse_known_args(argv)
+    if rest:
+        raise UserError(f"unknown arguments: {' '.join(rest)}")
+    outputs = []
+    for cls in ARGUMENT_CLASSES:
+        names = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
+        try:
+            outputs.append(cls(**{k: v for k, v in vars(namespace).items() if k in names}))
+        except ValueError as e:
+            raise UserError(str(e).strip().splitlines()[0]) from None
+    return tuple(outputs)

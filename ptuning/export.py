@@ -1,0 +1,134 @@
+"""Prefix-only checkpoints: safetensors weights plus a JSON config, never a base-model weight."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .model import PrefixTunedModel
+from .prefix import CONFIG_NAME, PrefixConfig, model_geometry
+
+PREFIX_WEIGHTS = "prefix_model.safetensors"
+ENCODER_WEIGHTS = "prefix_encoder.safetensors"
+PREFIX_KEY = "prefix"
+
+
+def prefix_state(model: PrefixTunedModel, state_dict: dict | None = None) -> tuple[dict, dict]:
+    """(folded prefix for inference, encoder weights for resuming); the second is empty without projection."""
+    encoder = model.prefix_encoder
+    if state_dict is not None:
+        encoder_state = {k.split("prefix_encoder.", 1)[1]: v for k, v in state_dict.items() if "prefix_encoder." in k}
+    else:
+        encoder_state = encoder.state_dict()
+    encoder_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder_state.items()}
+    if not model.prefix_config.prefix_projection:
+        return {PREFIX_KEY: encoder_state["embedding.weight"]}, {}
+    with torch.no_grad():
+        shadow = type(encoder)(encoder.config)
+        shadow.load_state_dict(encoder_state)
+        folded = shadow().detach().contiguous()
+    return {PREFIX_KEY: folded}, encoder_state
+
+
+def save_prefix(model: PrefixTunedModel, out_dir: str, state_dict: dict | None = None) -> None:
+    """Write the prefix so that a reader never sees a half-written checkpoint: files go in under temporary names
+    and are renamed into place, the config last (its presence marks a complete checkpoint)."""
+    folded, encoder_state = prefix_state(model, state_dict)
+    config = dataclasses.replace(model.prefix_config, dtype="float32")
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".prefix-", dir=out_dir)
+    try:
+        save_file(folded, os.path.join(staging, PREFIX_WEIGHTS), metadata={"format": "pt"})
+        names = [PREFIX_WEIGHTS]
+        if encoder_state:
+            save_file(encoder_state, os.path.join(staging, ENCODER_WEIGHTS), metadata={"format": "pt"})
+            names.append(ENCODER_WEIGHTS)
+        config.to_json(os.path.join(staging, CONFIG_NAME))
+        names.append(CONFIG_NAME)
+        if not encoder_state and os.path.exists(os.path.join(out_dir, ENCODER_WEIGHTS)):
+            os.remove(os.path.join(out_dir, ENCODER_WEIGHTS))
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_prefix_config(ckpt_dir: str) -> PrefixConfig:
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"--ptuning_checkpoint {ckpt_dir!r}: not a directory")
+    return PrefixConfig.from_json(os.path.join(ckpt_dir, CONFIG_NAME))
+
+
+def _load_tensors(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_fits_base(config: PrefixConfig, base_config, ckpt_dir: str) -> None:
+    """Refuse a prefix trained for another model before it produces garbage."""
+    geometry = model_geometry(base_config)
+    for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+        expected, found = getattr(config, key), geometry[key]
+        if key == "vocab_size" and not expected:
+            continue
+        if expected != found:
+            raise UserError(
+                f"{os.path.join(ckpt_dir, CONFIG_NAME)}: {key} is {expected} but the base model has {found}; "
+                f"this prefix was trained for {config.base_model_name_or_path or 'another model'}"
+            )
+
+
+def load_prefix(base, ckpt_dir: str, for_training: bool = False) -> PrefixTunedModel:
+    """Attach a saved prefix to ``base``; for inference the folded prefix replaces the projection MLP."""
+    config = read_prefix_config(ckpt_dir)
+    check_fits_base(config, base.config, ckpt_dir)
+    folded = _load_tensors(os.path.join(ckpt_dir, PREFIX_WEIGHTS))
+    if PREFIX_KEY not in folded:
+        raise UserError(f"{os.path.join(ckpt_dir, PREFIX_WEIGHTS)}: no tensor named {PREFIX_KEY!r}")
+    prefix = folded[PREFIX_KEY]
+    if tuple(prefix.shape) != (config.pre_seq_len, config.prefix_width):
+        raise UserError(
+            f"{os.path.join(ckpt_dir, PREFIX_WEIGHTS)}: prefix has shape {tuple(prefix.shape)}, "
+            f"config says ({config.pre_seq_len}, {config.prefix_width})"
+        )
+    if config.prefix_projection and for_training:
+        model = PrefixTunedModel(base, config)
+        encoder_state = _load_tensors(os.path.join(ckpt_dir, ENCODER_WEIGHTS))
+        try:
+            model.prefix_encoder.load_state_dict(encoder_state)
+        except RuntimeError as e:
+            raise UserError(f"{os.path.join(ckpt_dir, ENCODER_WEIGHTS)}: does not match the config ({e})") from None
+        return model
+    model = PrefixTunedModel(base, dataclasses.replace(config, prefix_projection=False))
+    with torch.no_grad():
+        model.prefix_encoder.embedding.weight.copy_(prefix)
+    if not for_training:
+        model.prefix_encoder.requires_grad_(False)
+    return model
+
+
+def load_encoder_weights(model: PrefixTunedModel, ckpt_dir: str) -> None:
+    """Restore trainable prefix weights in place (Trainer resume)."""
+    config = read_prefix_config(ckpt_dir)
+    if config.prefix_projection != model.prefix_config.prefix_projection or config.pre_seq_len != model.prefix_config.pre_seq_len:
+        raise UserError(
+            f"{os.path.join(ckpt_dir, CONFIG_NAME)}: pre_seq_len={config.pre_seq_len}, "
+            f"prefix_projection={config.prefix_projection} but this run uses pre_seq_len="
+            f"{model.prefix_config.pre_seq_len}, prefix_projection={model.prefix_config.prefix_projection}"
+        )
+    if config.prefix_projection:
+        state = _load_tensors(os.path.join(ckpt_dir, ENCODER_WEIGHTS))
+    else:
+        state = {"embedding.weight": _load_tensors(os.path.join(ckpt_dir, PREFIX_WEIGHTS))[PREFIX_KEY]}
+    model.prefix_encoder.load_state_dict(state)

@@ -1,0 +1,222 @@
+"""Load a frozen causal LM and wrap it with a trainable prefix fed to every attention layer."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .errors import UserError
+from .prefix import PrefixConfig, PrefixEncoder, generation_cache, model_geometry, read_only_cache
+
+logger = logging.getLogger(__name__)
+
+# Architectures whose attention reads `past_key_values` through the standard Cache API; each is covered by tests.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "GlmForCausalLM",
+    "Glm4ForCausalLM",
+    "GPT2LMHeadModel",
+)
+
+DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def check_architecture(config) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    name = archs[0] if archs else type(config).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise UserError(
+            f"architecture {name!r} (model_type {getattr(config, 'model_type', '?')!r}) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return name
+
+
+def quantization_config(bits: int | None, compute_dtype, quant_type: str = "nf4", double_quant: bool = False):
+    if not bits:
+        return None
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.bfloat16,
+        )
+    raise UserError(f"--quantization_bit: expected 4 or 8, got {bits}")
+
+
+def load_base_model(name_or_path: str, torch_dtype: str = "auto", trust_remote_code: bool = False,
+                    quantization_bit: int | None = None, quant_type: str = "nf4", double_quant: bool = False):
+    """Load tokenizer and frozen model from a local directory or hub id, refusing unsupported architectures early."""
+    if torch_dtype not in DTYPES:
+        raise UserError(f"--torch_dtype: expected one of {sorted(DTYPES)}, got {torch_dtype!r}")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"--model_name_or_path {name_or_path!r}: cannot load a model config ({e})") from None
+    check_architecture(config)
+    dtype = DTYPES[torch_dtype]
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        quantization_config=quantization_config(quantization_bit, dtype, quant_type, double_quant),
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _activation_dtype(model) -> torch.dtype:
+    """The dtype the attention computes in (the embeddings' dtype, also for 4/8-bit bases)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+class PrefixTunedModel(nn.Module):
+    """A frozen causal LM whose every attention layer sees ``pre_seq_len`` trainable keys/values first.
+
+    ``forward`` with ``labels`` returns the loss computed only on target positions (the logits returned then cover
+    only those columns); without labels it returns the full logits. ``generate`` seeds a normal growing cache with
+    the prefix, repeated per beam / returned sequence.
+    """
+
+    def __init__(self, base: nn.Module, prefix_config: PrefixConfig):
+        super().__init__()
+        check_architecture(base.config)
+        base.requires_grad_(False)
+        self.base = base
+        self.prefix_config = prefix_config
+        device = base.get_input_embeddings().weight.device
+        self.prefix_encoder = PrefixEncoder(prefix_config).to(device=device, dtype=torch.float32)
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefix_encoder.embedding.weight.device
+
+    @property
+    def generation_config(self):
+        return self.base.generation_config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Non-reentrant checkpointing that keeps the read-only prefix cache inside each recomputed layer."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant"):
+            logger.warning("use_reentrant=True cannot carry prefix gradients through keyword arguments; using False")
+        kwargs["use_reentrant"] = False
+        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for module in self.base.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = True
+            elif getattr(module, "gradient_checkpointing", False):
+                # Model-level flags only serve to drop the cache (GPT-2 does); the layers still checkpoint.
+                module.gradient_checkpointing = False
+
+    def gradient_checkpointing_disable(self):
+        self.base.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self.base, "is_gradient_checkpointing", False)
+
+    def _prefixed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Mask with ``pre_seq_len`` leading ones, and positions counted from the mask so left padding is harmless."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        p = self.prefix_config.pre_seq_len
+        ones = attention_mask.new_ones(attention_mask.shape[0], p)
+        full_mask = torch.cat([ones, attention_mask], dim=1)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.prefix_config.position_offset:
+            position_ids = position_ids + p
+        return full_mask, position_ids
+
+    def forward(self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        full_mask, position_ids = self._prefixed_inputs(input_ids, attention_mask)
+        key_values = self.prefix_encoder.key_values(input_ids.shape[0], _activation_dtype(self.base))
+        model_kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            past_key_values=read_only_cache(key_values),
+            use_cache=False,
+        )
+        if labels is None:
+            out = self.base(**model_kwargs)
+            return CausalLMOutputWithPast(logits=out.logits)
+        shifted = labels[:, 1:]
+        keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
+        out = self.base(**model_kwargs, logits_to_keep=keep)
+        loss = target_loss(out.logits, shifted[:, keep], num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        gen_cfg = kwargs.get("generation_config") or self.base.generation_config
+        beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1)) or 1
+        returns = kwargs.get("num_return_sequences", getattr(gen_cfg, "num_return_sequences", 1)) or 1
+        key_values = self.prefix_encoder.key_values(
+            input_ids.shape[0], _activation_dtype(self.base), repeats=max(beams, returns)
+        )
+        full_mask, position_ids = self._prefixed_inputs(input_ids, attention_mask)
+        if not self.prefix_config.position_offset:
+            kwargs["position_ids"] = position_ids
+        return self.base.generate(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            past_key_values=generation_cache(key_values, self.base.config),
+            **kwargs,
+        )
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Token-level cross-entropy in fp32; summed and divided by ``num_items_in_batch`` under gradient accumulation."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_targets = targets.reshape(-1).to(flat_logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+    total = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def attach_prefix(model, pre_seq_len: int, prefix_projection: bool = False, prefix_hidden_size: int = 512,
+                  prefix_dropout: float = 0.0, position_offset: bool = True) -> PrefixTunedModel:
+    """Freeze ``model`` and wrap it with a fresh prefix sized from its config."""
+    if pre_seq_len <= 0:
+        raise UserError(f"--pre_seq_len: expected a positive integer, got {pre_seq_len}")
+    geometry = model_geometry(model.config)
+    config = PrefixConfig(
+        pre_seq_len=pre_seq_len,
+        prefix_projection=prefix_projection,
+        prefix_hidden_size=prefix_hidden_size,
+        prefix_dropout=prefix_dropout,
+        position_offset=position_offset,
+        base_model_name_or_path=getattr(model.config, "_name_or_path", "") or "",
+        base_architecture=check_architecture(model.config),
+        **geometry,
+    )
+    return PrefixTunedModel(model, config)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

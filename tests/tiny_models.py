@@ -1,0 +1,46 @@
+"""Tiny random-weight models of every supported architecture, built from config classes (no downloads)."""
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {}),
+    "glm": (GlmConfig, GlmForCausalLM, {}),
+    "glm4": (Glm4Config, Glm4ForCausalLM, {}),
+    "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
+                                               embd_pdrop=0.0, attn_pdrop=0.0)),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A 2-layer fp32 model in eval mode, with GQA (2 kv heads for 4 query heads) where the family has it."""
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    kwargs = dict(COMMON) if arch != "gpt2" else dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    config = config_cls(**kwargs)
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def batch(batch_size: int = 2, seq_len: int = 9, left_pad: int = 0, seed: int = 1):
+    """Random ids, a mask with ``left_pad`` pads on row 1, and labels that ignore the first third of each row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        mask[1, :left_pad] = 0
+        ids[1, :left_pad] = 0
+    labels = ids.clone()
+    labels[:, : seq_len // 3] = -100
+    labels[mask == 0] = -100
+    return ids, mask, labels
