@@ -14,7 +14,7 @@ logger = logging.getLogger("ptuning")
 def run(argv=None) -> None:
     import ptuning
     from ptuning.args import parse_args
-    from ptuning.data import ColumnSpec, build_dataset, load_rows, validate_rows
+    from ptuning.data import ColumnSpec, encode_dataset, load_rows, validate_rows
     from ptuning.infer import preview, print_prompt_reply, run_predict
     from ptuning.train import check_output_dir, run_training
 
@@ -27,9 +27,8 @@ def run(argv=None) -> None:
         raise UserError("--do_train needs --train_file")
     if training_args.do_predict and not data_args.test_file:
         raise UserError("--do_predict needs --test_file")
-    for path in (data_args.train_file, data_args.validation_file, data_args.test_file):
-        if path:
-            validate_rows(load_rows(path), columns, path)
+    paths = [p for p in (data_args.train_file, data_args.validation_file, data_args.test_file) if p]
+    validated = {p: validate_rows(load_rows(p), columns, p) for p in paths}
     if training_args.do_train:
         check_output_dir(training_args)
 
@@ -41,10 +40,12 @@ def run(argv=None) -> None:
     )
     preview_file = data_args.test_file or data_args.validation_file
     if training_args.do_train:
-        train_set = build_dataset(data_args.train_file, tokenizer, columns, data_args.max_source_length,
-                                  data_args.max_target_length)
-        eval_set = (build_dataset(data_args.validation_file, tokenizer, columns, data_args.max_source_length,
-                                  data_args.max_target_length) if data_args.validation_file else None)
+        lengths = (data_args.max_source_length, data_args.max_target_length)
+        train_set = encode_dataset(validated[data_args.train_file], data_args.train_file, tokenizer, *lengths)
+        eval_set = None
+        if data_args.validation_file:
+            eval_set = encode_dataset(validated[data_args.validation_file], data_args.validation_file, tokenizer,
+                                      *lengths)
         before = preview(model, tokenizer, preview_file, columns, data_args, "before training")
         run_training(model, tokenizer, train_set, eval_set, training_args)
         preview(model, tokenizer, preview_file, columns, data_args, "after training", before)

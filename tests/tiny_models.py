@@ -1,6 +1,8 @@
 """Tiny random-weight models of every supported architecture, built from config classes (no downloads)."""
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 from transformers import (GPT2Config, GPT2LMHeadModel, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM,
                           LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -44,3 +46,35 @@ def batch(batch_size: int = 2, seq_len: int = 9, left_pad: int = 0, seed: int = 
     labels[:, : seq_len // 3] = -100
     labels[mask == 0] = -100
     return ids, mask, labels
+
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"] + list("问答：你好世界")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """One token per character; the plain variant adds <s> like a Llama tokenizer, the template one does not."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    if chat_template is None:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   chat_template=chat_template)
+
+
+def save_tiny_checkpoint(path, arch: str = "llama", chat_template: str | None = CHATML, seed: int = 0) -> str:
+    """A tiny model + character tokenizer saved with save_pretrained, loadable like any local checkpoint."""
+    tokenizer = make_tokenizer(chat_template)
+    model = tiny_model(arch, seed=seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
