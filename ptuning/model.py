@@ -114,13 +114,14 @@ class PrefixTunedModel(nn.Module):
     def generation_config(self):
         return self.base.generation_config
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
         """Non-reentrant checkpointing that keeps the read-only prefix cache inside each recomputed layer."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant"):
             logger.warning("use_reentrant=True cannot carry prefix gradients through keyword arguments; using False")
         kwargs["use_reentrant"] = False
-        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.base.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
         for module in self.base.modules():
             if isinstance(module, GradientCheckpointingLayer):
                 module._can_checkpoint_with_cache = True
@@ -128,12 +129,16 @@ class PrefixTunedModel(nn.Module):
                 # Model-level flags only serve to drop the cache (GPT-2 does); the layers still checkpoint.
                 module.gradient_checkpointing = False
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     def gradient_checkpointing_disable(self):
         self.base.gradient_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return getattr(self.base, "is_gradient_checkpointing", False)
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.base.modules()
+                   if isinstance(m, GradientCheckpointingLayer))
 
     def _prefixed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         """Mask with ``pre_seq_len`` leading ones, and positions counted from the mask so left padding is harmless."""

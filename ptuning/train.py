@@ -88,9 +88,6 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) -> PrefixTrainer:
     """Train with Trainer, then export the prefix into ``output_dir``."""
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
-        args.gradient_checkpointing = False  # already on, with the prefix-safe settings
     trainer = PrefixTrainer(
         model=model,
         args=args,

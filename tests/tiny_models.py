@@ -69,10 +69,15 @@ def make_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
                                    chat_template=chat_template)
 
 
-def save_tiny_checkpoint(path, arch: str = "llama", chat_template: str | None = CHATML, seed: int = 0) -> str:
-    """A tiny model + character tokenizer saved with save_pretrained, loadable like any local checkpoint."""
+def save_tiny_checkpoint(path, arch: str = "llama", chat_template: str | None = CHATML, seed: int = 0,
+                         initializer_range: float = 0.2) -> str:
+    """A tiny model + character tokenizer saved with save_pretrained, loadable like any local checkpoint.
+
+    Weights larger than the default init give logits a prefix can move far enough to learn a fixed reply.
+    """
     tokenizer = make_tokenizer(chat_template)
-    model = tiny_model(arch, seed=seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = tiny_model(arch, seed=seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       initializer_range=initializer_range)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
