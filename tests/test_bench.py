@@ -15,8 +15,9 @@ def run_bench(name, *args):
 
 
 def table_rows(out):
-    return [line.split("|")[1:-1] for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| variant")]
+    """Body rows of the markdown table, each as a list of cells."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    return [line.split("|")[1:-1] for line in lines[2:]]
 
 
 def test_train_step_table_and_loss_equality():
@@ -28,3 +29,23 @@ def test_train_step_table_and_loss_equality():
     losses = [float(r[-1]) for r in rows]
     assert max(losses) - min(losses) <= 1e-4
     assert all(float(r[1]) > 0 and float(r[4]) >= 0 for r in rows)
+
+
+def test_generate_bench_prints_both_batches():
+    out = run_bench("generate.py", "--config", "micro", "--prompt_len", "8", "--new_tokens", "4", "--repeats", "1",
+                    "--threads", "1")
+    rows = table_rows(out)
+    assert [int(r[0]) for r in rows] == [1, 8]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_scaling_bench_writes_table_and_png(tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "scaling.png"
+    out = run_bench("scaling.py", "--config", "micro", "--pre_seq_lens", "4,8", "--seq_lens", "", "--batches", "",
+                    "--pre_seq_len", "4", "--seq_len", "16", "--batch", "1", "--steps", "1", "--threads", "1",
+                    "--png", str(png))
+    assert [(r[0].strip(), int(r[1])) for r in table_rows(out)] == [("pre_seq_len", 4), ("pre_seq_len", 8)]
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 100
