@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ class PrefixConfig:
     vocab_size: int = 0
     dtype: str = "float32"
     format_version: int = FORMAT_VERSION
+    # What the prefix was trained for: causal_lm (generation) or an encoder task (seq_cls, token_cls, qa; see
+    # ptuning.nlu), and that task's label list in head order (empty for causal_lm and qa). Checkpoints written
+    # before these fields existed load as causal_lm.
+    task_type: str = "causal_lm"
+    labels: list = field(default_factory=list)
 
     @property
     def kv_dim(self) -> int:
