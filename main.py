@@ -10,8 +10,17 @@ from ptuning.errors import UserError
 
 logger = logging.getLogger("ptuning")
 
+# `python main.py NAME ...` subcommands: (module, function) taking the remaining arguments
+SUBCOMMANDS = {"convert": ("ptuning.interop", "run_convert")}
+
 
 def run(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module, function = SUBCOMMANDS[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     import ptuning
     from ptuning.args import parse_args
     from ptuning.data import ColumnSpec, encode_dataset, load_rows, validate_rows
