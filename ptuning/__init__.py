@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .errors import UserError
 
-__all__ = ["PrefixConfig", "PrefixEncoder", "PrefixTunedModel", "UserError", "attach_prefix", "load",
-           "load_base_model", "load_prefix", "save_prefix"]
+__all__ = ["MultiPrefixModel", "PrefixConfig", "PrefixEncoder", "PrefixTunedModel", "UserError", "attach_prefix",
+           "load", "load_base_model", "load_multi", "load_prefix", "save_prefix"]
 
 _LAZY = {"PrefixConfig": "prefix", "PrefixEncoder": "prefix", "PrefixTunedModel": "model", "attach_prefix": "model",
-         "load_base_model": "model", "load_prefix": "export", "save_prefix": "export"}
+         "load_base_model": "model", "load_prefix": "export", "save_prefix": "export",
+         "MultiPrefixModel": "serving", "load_multi": "serving"}
 
 
 def __getattr__(name):

@@ -21,8 +21,11 @@ def generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool = False, *
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_source_length: int = 512,
-                     max_new_tokens: int = 64, batch_size: int = 8, **gen) -> list[str]:
-    """Reply to each conversation (its last turn is the user's), ``batch_size`` prompts per generate() call."""
+                     max_new_tokens: int = 64, batch_size: int = 8, prefix_ids=None, **gen) -> list[str]:
+    """Reply to each conversation (its last turn is the user's), ``batch_size`` prompts per generate() call.
+
+    With a ``ptuning.serving.MultiPrefixModel``, ``prefix_ids`` names each conversation's prefix.
+    """
     was_training = model.training
     model.eval()
     collate = Collator(pad_token_id=tokenizer.pad_token_id, padding_side="left")
@@ -31,6 +34,9 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_sour
         chunk = conversations[start : start + batch_size]
         batch = collate([{"input_ids": encode_prompt(tokenizer, c, max_source_length)} for c in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
+        if prefix_ids is not None:
+            gen["prefix_ids"] = [prefix_ids] * len(chunk) if isinstance(prefix_ids, str) else \
+                list(prefix_ids[start : start + batch_size])
         out = model.generate(batch["input_ids"], batch["attention_mask"],
                              **generation_kwargs(tokenizer, max_new_tokens, **gen))
         new_tokens = out[:, batch["input_ids"].shape[1] :]
