@@ -11,7 +11,7 @@ from ptuning.errors import UserError
 logger = logging.getLogger("ptuning")
 
 # `python main.py NAME ...` subcommands: (module, function) taking the remaining arguments
-SUBCOMMANDS = {"convert": ("ptuning.interop", "run_convert")}
+SUBCOMMANDS = {"convert": ("ptuning.interop", "run_convert"), "evaluate": ("ptuning.infer", "run_evaluate")}
 
 
 def run(argv=None) -> None:

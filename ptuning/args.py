@@ -63,6 +63,17 @@ class DataArguments:
     preview_samples: int = field(
         default=0, metadata={"help": "Print greedy generations for this many test/validation prompts before and after training."}
     )
+    do_sample: bool = field(
+        default=False, metadata={"help": "Sample instead of greedy decoding (predict, evaluate, chat, --prompt)."}
+    )
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample from the k likeliest tokens (with --do_sample)."})
+    repetition_penalty: float | None = field(default=None, metadata={"help": "Penalty > 1 discourages repeats."})
+    system_prompt: str | None = field(default=None, metadata={"help": "chat: system message opening each conversation."})
+    history_file: str | None = field(
+        default=None, metadata={"help": "chat: keep the conversations in this .jsonl ({\"messages\": [...]} per line)."}
+    )
 
 
 @dataclass

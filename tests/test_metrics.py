@@ -108,3 +108,113 @@ def test_language_can_be_forced_and_lengths_must_match():
     with pytest.raises(ValueError):
         bleu4("a", "b", language="fr")
     assert compute_metrics([], []) == {}
+
+
+# ---------------------------------------------------------------- evaluation of a prefix checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny chat model, a random prefix saved for it, and a test file with reference replies."""
+    import json
+
+    import torch
+
+    from ptuning.export import save_prefix
+    from ptuning.model import attach_prefix, load_base_model
+    from tiny_models import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("evaluate")
+    model_dir = save_tiny_checkpoint(root / "model")
+    base, _ = load_base_model(model_dir)
+    model = attach_prefix(base, 4)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.prefix_encoder.embedding.weight, std=0.5)
+    save_prefix(model, str(root / "prefix"))
+    with open(root / "test.jsonl", "w") as f:
+        for prompt, response in [("hi", "hello"), ("what is it", "a cat"), ("ok", "ok"), ("x y z", "a b c")]:
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    return root, model_dir
+
+
+def evaluate_argv(root, model_dir, out, *extra):
+    return ["evaluate", "--model_name_or_path", model_dir, "--ptuning_checkpoint", str(root / "prefix"),
+            "--test_file", str(root / "test.jsonl"), "--output_dir", str(out), "--max_new_tokens", "6",
+            "--predict_batch_size", "3", *extra]
+
+
+def test_evaluate_twice_gives_identical_files_and_the_metrics_of_its_predictions(checkpoint, tmp_path):
+    import json
+
+    import main
+
+    root, model_dir = checkpoint
+    assert main.main(evaluate_argv(root, model_dir, tmp_path / "a")) == 0
+    assert main.main(evaluate_argv(root, model_dir, tmp_path / "b")) == 0
+    for name in ("generated_predictions.jsonl", "eval_results.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    records = [json.loads(line) for line in (tmp_path / "a" / "generated_predictions.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == ["hello", "a cat", "ok", "a b c"]
+    assert any(r["prediction"] for r in records)
+    results = json.loads((tmp_path / "a" / "eval_results.json").read_text())
+    expected = compute_metrics([r["prediction"] for r in records], [r["label"] for r in records])
+    assert results == {**expected, "num_samples": 4}
+
+
+def test_predictions_are_batched_greedy_replies(checkpoint, tmp_path):
+    import json
+
+    import ptuning
+    from ptuning.data import ColumnSpec, load_rows, validate_rows
+    from ptuning.infer import generate_replies, prompt_conversations
+
+    import main
+
+    root, model_dir = checkpoint
+    assert main.main(evaluate_argv(root, model_dir, tmp_path)) == 0
+    model, tokenizer = ptuning.load(model_dir, str(root / "prefix"))
+    prompts = prompt_conversations(validate_rows(load_rows(str(root / "test.jsonl")), ColumnSpec(), "test"))
+    one_by_one = [generate_replies(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    records = [json.loads(line) for line in (tmp_path / "generated_predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in records] == one_by_one
+
+
+def test_sampling_only_by_flag_and_reproducible_with_a_seed(checkpoint, tmp_path):
+    import main
+
+    root, model_dir = checkpoint
+    greedy = tmp_path / "greedy"
+    assert main.main(evaluate_argv(root, model_dir, greedy)) == 0
+    runs = []
+    for name in ("s1", "s2"):
+        assert main.main(evaluate_argv(root, model_dir, tmp_path / name, "--do_sample", "--temperature", "5",
+                                       "--seed", "7")) == 0
+        runs.append((tmp_path / name / "generated_predictions.jsonl").read_text())
+    assert runs[0] == runs[1]
+    assert runs[0] != (greedy / "generated_predictions.jsonl").read_text()
+
+
+def test_do_predict_writes_eval_results_and_keeps_trainer_entries(checkpoint, tmp_path):
+    import json
+
+    import main
+
+    root, model_dir = checkpoint
+    (tmp_path / "eval_results.json").write_text(json.dumps({"eval_loss": 1.5, "epoch": 2.0, "bleu-4": -1}))
+    argv = ["--model_name_or_path", model_dir, "--ptuning_checkpoint", str(root / "prefix"), "--do_predict",
+            "--test_file", str(root / "test.jsonl"), "--output_dir", str(tmp_path), "--max_new_tokens", "6",
+            "--report_to", "none"]
+    assert main.main(argv) == 0
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results["eval_loss"] == 1.5 and results["epoch"] == 2.0 and results["num_samples"] == 4
+    assert 0 <= results["bleu-4"] <= 100 and {"rouge-1", "rouge-2", "rouge-l", "exact_match"} <= set(results)
+
+
+def test_evaluate_needs_a_checkpoint_and_a_test_file(checkpoint, tmp_path, capsys):
+    import main
+
+    root, model_dir = checkpoint
+    assert main.main(["evaluate", "--model_name_or_path", model_dir, "--test_file", str(root / "test.jsonl")]) == 2
+    assert "--ptuning_checkpoint is required" in capsys.readouterr().err
+    assert main.main(["evaluate", "--model_name_or_path", model_dir, "--ptuning_checkpoint", str(root / "prefix")]) == 2
+    assert "--test_file is required" in capsys.readouterr().err
