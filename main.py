@@ -11,7 +11,8 @@ from ptuning.errors import UserError
 logger = logging.getLogger("ptuning")
 
 # `python main.py NAME ...` subcommands: (module, function) taking the remaining arguments
-SUBCOMMANDS = {"convert": ("ptuning.interop", "run_convert"), "evaluate": ("ptuning.infer", "run_evaluate")}
+SUBCOMMANDS = {"convert": ("ptuning.interop", "run_convert"), "evaluate": ("ptuning.infer", "run_evaluate"),
+               "chat": ("ptuning.chat", "run_chat")}
 
 
 def run(argv=None) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from .errors import UserError
 
 __all__ = ["MultiPrefixModel", "PrefixConfig", "PrefixEncoder", "PrefixTunedModel", "UserError", "attach_prefix",
-           "load", "load_base_model", "load_multi", "load_prefix", "save_prefix"]
+           "chat", "load", "load_base_model", "load_multi", "load_prefix", "save_prefix", "stream_chat"]
 
 _LAZY = {"PrefixConfig": "prefix", "PrefixEncoder": "prefix", "PrefixTunedModel": "model", "attach_prefix": "model",
          "load_base_model": "model", "load_prefix": "export", "save_prefix": "export",
-         "MultiPrefixModel": "serving", "load_multi": "serving"}
+         "MultiPrefixModel": "serving", "load_multi": "serving", "chat": "chat", "stream_chat": "chat"}
 
 
 def __getattr__(name):
