@@ -83,6 +83,17 @@ class PtuningTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
     )
     predict_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate() call."})
+    report_to: None | str | list[str] = field(
+        default="auto",
+        metadata={"help": "Integrations to log to; auto = tensorboard when it is installed, else none."},
+    )
+
+    def __post_init__(self):
+        if self.report_to == "auto" or self.report_to == ["auto"]:
+            from transformers.integrations import is_tensorboard_available
+
+            self.report_to = "tensorboard" if is_tensorboard_available() else "none"
+        super().__post_init__()
 
 
 ARGUMENT_CLASSES = (ModelArguments, PrefixArguments, DataArguments, PtuningTrainingArguments)

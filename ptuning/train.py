@@ -13,6 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .data import Collator
 from .errors import UserError
 from .export import load_encoder_weights, save_prefix
+from .plots import save_training_plot
 from .model import PrefixTunedModel, count_parameters
 from .prefix import CONFIG_NAME
 
@@ -108,4 +109,6 @@ def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) 
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if args.should_save:
+        save_training_plot(trainer.state.log_history, args.output_dir)  # training_loss.png next to the prefix
     return trainer
