@@ -26,9 +26,14 @@ def run(argv=None) -> None:
     from ptuning.args import parse_args
     from ptuning.data import ColumnSpec, encode_dataset, load_rows, validate_rows
     from ptuning.infer import preview, print_prompt_reply, run_predict
+    from ptuning.nlu import is_nlu_run
     from ptuning.train import check_output_dir, run_training
 
     model_args, prefix_args, data_args, training_args = parse_args(argv)
+    if is_nlu_run(model_args):
+        from ptuning.nlu.run import run_nlu
+
+        return run_nlu(model_args, prefix_args, data_args, training_args)
     if not model_args.model_name_or_path:
         raise UserError("--model_name_or_path is required (a local directory or hub id)")
     columns = ColumnSpec(data_args.prompt_column, data_args.response_column, data_args.history_column,

@@ -29,6 +29,12 @@ class ModelArguments:
     ptuning_checkpoint: str | None = field(
         default=None, metadata={"help": "Prefix checkpoint directory to load (inference, or to continue training)."}
     )
+    task_type: str = field(
+        default="causal_lm",
+        metadata={"help": "causal_lm (chat/generation), or an encoder task (BERT/RoBERTa/ELECTRA): seq_cls, "
+                          "token_cls (BIO tags) or qa (SQuAD-style extractive QA).",
+                  "choices": ["causal_lm", "seq_cls", "token_cls", "qa"]},
+    )
 
 
 @dataclass
@@ -56,6 +62,16 @@ class DataArguments:
     messages_column: str | None = field(
         default=None, metadata={"help": "OpenAI-style messages column (default: auto-detect messages/conversations)."}
     )
+    text_column: str | None = field(
+        default=None, metadata={"help": "NLU: text (seq_cls), word list (token_cls) or question (qa) column."}
+    )
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "NLU: second text (seq_cls sentence pairs) or context (qa) column."}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "NLU: label (seq_cls), BIO tag list (token_cls) or answers (qa) column."}
+    )
+    doc_stride: int = field(default=128, metadata={"help": "qa: tokens shared by consecutive windows of a long context."})
     max_source_length: int = field(default=256, metadata={"help": "Prompt tokens kept (the end is kept)."})
     max_target_length: int = field(default=128, metadata={"help": "Response tokens kept per trained reply."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt in predict/prompt mode."})

@@ -11,9 +11,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
                           AutoModelForTokenClassification, AutoTokenizer)
+from transformers.utils import logging as hf_logging
 
 from ..errors import UserError
-from ..export import PREFIX_KEY, PREFIX_WEIGHTS, _load_tensors, check_fits_base, load_encoder_weights, read_prefix_config, save_prefix
+from ..export import (PREFIX_KEY, PREFIX_WEIGHTS, _load_tensors, check_fits_base, load_encoder_weights,
+                      read_prefix_config, save_prefix)
 from ..model import DTYPES, PrefixTunedModel
 from ..prefix import PrefixConfig, PrefixEncoder, model_geometry, read_only_cache
 from .data import TASK_TYPES
@@ -137,8 +139,20 @@ class PrefixTunedEncoder(nn.Module):
         return self.base(**kwargs)
 
 
+def encoder_config(model_args):
+    """The base model's config, checked to be a supported encoder, before any weights are read."""
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=model_args.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"--model_name_or_path {model_args.model_name_or_path!r}: cannot load a model config "
+                        f"({e})") from None
+    check_encoder(config)
+    return config
+
+
 def load_encoder(name_or_path: str, task_type: str, labels: list, torch_dtype: str = "auto",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, quiet_head: bool = False):
     """(model, tokenizer): ``AutoModelFor<task>`` with a head sized for ``labels`` (new head weights are random)."""
     check_task_type(task_type)
     if torch_dtype not in DTYPES:
@@ -157,8 +171,14 @@ def load_encoder(name_or_path: str, task_type: str, labels: list, torch_dtype: s
     if task_type != "seq_cls" and not getattr(tokenizer, "is_fast", False):
         raise UserError(f"--task_type {task_type} needs a fast tokenizer (word ids / character offsets); "
                         f"{type(tokenizer).__name__} is not one")
-    model = AUTO_CLASSES[task_type].from_pretrained(name_or_path, dtype=DTYPES[torch_dtype],
-                                                    trust_remote_code=trust_remote_code, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    if quiet_head:  # the checkpoint supplies the head: "newly initialized ... train it" would mislead
+        hf_logging.set_verbosity_error()
+    try:
+        model = AUTO_CLASSES[task_type].from_pretrained(name_or_path, dtype=DTYPES[torch_dtype],
+                                                        trust_remote_code=trust_remote_code, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model, tokenizer
 
 
@@ -213,7 +233,7 @@ def load_head(model: PrefixTunedEncoder, ckpt_dir: str) -> None:
     if set(saved) != set(expected):
         raise UserError(f"{path}: holds {sorted(saved)} but this {type(model.base).__name__} head has "
                         f"{sorted(expected)}")
-    for name, tensor in saved.items():
+    for name, tensor in sorted(saved.items()):
         if tensor.shape != expected[name].shape:
             raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is "
                             f"{tuple(expected[name].shape)} (labels: {model.prefix_config.labels})")
@@ -248,7 +268,8 @@ def load(base: str, prefix: str | None = None, *, task_type: str | None = None, 
     ``task_type`` and ``labels``."""
     if prefix:
         config = read_nlu_config(prefix, task_type)
-        model, tokenizer = load_encoder(base, config.task_type, config.labels, torch_dtype, trust_remote_code)
+        model, tokenizer = load_encoder(base, config.task_type, config.labels, torch_dtype, trust_remote_code,
+                                        quiet_head=True)
         return restore(model, prefix, for_training), tokenizer
     model, tokenizer = load_encoder(base, task_type, labels or [], torch_dtype, trust_remote_code)
     return attach_prefix(model, task_type, labels or [], **new_prefix), tokenizer
