@@ -1,0 +1,553 @@
+"""Peak GPU memory of a P-Tuning v2 training step, predicted from the model config alone (no weights are loaded).
+
+    python main.py plan --model_name_or_path DIR_OR_CONFIG_JSON --quantization_bit 4 --torch_dtype bf16 \\
+        --per_device_train_batch_size 1 --max_source_length 64 --max_target_length 64 --pre_seq_len 128 \\
+        --gradient_checkpointing --gpu_memory 8GB
+    python main.py plan <the flags of the training command you were about to run>     # a dry run of it
+
+Symbols: b batch per device; s = max_source_length + max_target_length tokens per row; p = pre_seq_len; k = p + s
+keys per query; T loss columns per row: max_target_length, or with b > 1 the worst case s - 1 (rows whose prompts
+differ in length put their targets in different columns, and the loss keeps their union; ``--loss_columns``
+overrides); L layers; h hidden size; H query heads; g key/value heads; d head dim; r rotary dims; f MLP width; V
+vocabulary; c bytes of the compute dtype (2 for bf16/fp16, 4 for fp32), which every unquantized weight also has;
+P trainable prefix parameters (p × 2Lgd, or the reparameterisation MLP's).
+
+The terms of ``MemoryPlan.terms``; their sum is the peak:
+
+weights: linears        q/k/v/o and the MLP projections of every layer, numel × c, or as bitsandbytes stores them:
+                          INT8  numel + 4 × out_features     (int8 rows and one fp32 scale per row: LLM.int8)
+                          INT4  numel / 2 + 4 × numel / 64   (two 4-bit codes a byte, one fp32 absmax per 64
+                                weights); --double_quant stores the absmax in 8 bits: numel / 64 + 4 × numel / 16384
+weights: embeddings...  embeddings V h and the LM head V h (unless tied; bitsandbytes never quantizes it), norms,
+                        biases, all in c (and RoPE's fp32 inverse frequencies). For a 6B GLM that is 1 GB, a
+                        quarter of an INT4 model.
+prefix state            4 P fp32 parameters + 8 P AdamW moments (ZeRO-1+ divides the moments by the world size,
+                        ZeRO-3 the parameters too). The 4 P gradient appears only at the end of backward, when the
+                        activations are gone. An 8-bit or paged optimizer could save at most 6 of these 12 bytes
+                        per parameter: megabytes for a prefix, so there is none here.
+activations             what autograd keeps between forward and backward. The base is frozen, so no linear keeps its
+                        input for a weight gradient; what stays is, per layer:
+                          attention  b s k c (the boolean mask as the float bias SDPA makes of it on each call)
+                                     + b H s d c (queries) + 2 b H k d c (keys and values with the prefix in front,
+                                     repeated to H heads for GQA) + b H s d c (output) + 4 b H s (logsumexp); no
+                                     [b, H, s, k] scores: SDPA runs a fused kernel (memory-efficient/flash/cuDNN on
+                                     GPU, flash on CPU)
+                          norms      4 b s h + 4 b s per RMSNorm (its input upcast to fp32, and 1/rms): two per layer,
+                                     four for GLM-4, and Qwen3's per-head q/k norms 4 b s (H + g)(d + 1)
+                          MLP        3 b s f c (gate, up, act(gate)); GPT-2's python GELU 4 b s f c
+                          INT8 only  bitsandbytes' int8 matmul keeps its input as a plain attribute of its autograd
+                                     context, which neither a frozen weight nor checkpointing releases:
+                                     (2 h + f) b s c, and under checkpointing also the o input, b s H d c
+                        and once: RoPE cos/sin 2 b s r c. Layer 0's input norm keeps nothing (nothing before it
+                        needs a gradient).
+                        With gradient checkpointing only each layer's input stays, L b s h c, with what the
+                        recomputation needs: the boolean mask b s k and the prefix keys/values cast to c, b p 2Lgd c
+                        (in fp32 they are views of the parameter).
+transient               the larger of two moments on top of the kept activations:
+                          loss            the final norm plus 12 b T V: the fp32 log-probabilities and the fp32
+                                          gradients of them and of the logits. Logits exist only for the T target
+                                          columns (``logits_to_keep``), never as a [b, s, V] fp32 tensor: for GLM's
+                                          151k vocabulary that alone would outgrow the model's activations.
+                          layer backward  the gradient arriving from above (b s h c), the prefix gradient gathered
+                                          so far (b p 2Lgd c), with checkpointing the layer's recomputed
+                                          activations, and the widest of: the MLP's gradients 3 b s f c; the
+                                          attention's (output, queries, keys, values); a quantized linear's
+                                          backward, which multiplies by its weight dequantized to c (the biggest
+                                          linear: 224 MB for a 6B GLM's gate_up) plus ~2 b s f c; an RMSNorm's
+                                          backward, ~20 b s h in fp32 (in Llama-like layers reached after the
+                                          MLP's backward freed its 3 b s f c; GLM-4's post-MLP norm comes first).
+ZeRO-3                  weights / world size + two gathered layers (current and prefetched); not measured here.
+DeepSpeed buffers       ZeRO-2/3 gradient buckets, 2 h² c; not measured here.
+
+The peak is what ``torch.cuda.max_memory_allocated()`` reports. A card needs more: the CUDA context and kernel
+images live outside PyTorch's allocator (``CUDA_CONTEXT``, about 0.5 GiB with recent drivers and lazy module
+loading), and the caching allocator rounds and fragments (``FRAGMENTATION`` of the activations and transients).
+``needed`` adds both; the verdict compares it with ``--gpu_memory`` (8GB there means 8 GiB, as on spec sheets).
+
+How this was checked (``measure_step``):
+  CPU, in the tests   the state before the step is every distinct storage reachable from the model and the
+                      optimizer (parameters, buffers, bitsandbytes' quantization state, AdamW moments); the step
+                      itself runs under ``torch.profiler`` with ``profile_memory=True``, which records every
+                      allocation and free of PyTorch's CPU allocator in order, so the running sum's maximum is the
+                      step's exact peak above that state: no sampling, no RSS noise, and allocations made inside
+                      bitsandbytes' kernels count too. Across Llama, Qwen2/3, Mistral, GLM, GLM-4 and GPT-2 tiny
+                      models, fp32/bf16, INT4/INT8, checkpointing on and off, the plan is within 3 % of it, and the
+                      weights term is exact to the byte.
+  GPU, bench/memory.py  ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``. The CUDA paths
+                      differ from the CPU ones in ways the terms above already follow (fused SDPA kernels, the
+                      int8 matmul keeping its input, dequantized weights in backward); cuBLAS workspaces (tens of
+                      MB) are not modelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+CUDA_CONTEXT = 0.5 * GiB
+FRAGMENTATION = 0.10
+DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+INT4_BLOCK = 64            # bitsandbytes 4-bit blocksize: one absmax per 64 weights
+INT4_NESTED_BLOCK = 256    # double quantization: one fp32 absmax per 256 8-bit absmaxes
+NESTED_CODE_BYTES = 256 * 4 + 4   # the 8-bit absmax codebook and offset, per linear
+INT4_CODE_BYTES = 16 * 4   # the 4-bit codebook, per linear
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes that decide memory, read from a transformers config."""
+
+    architecture: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied_embeddings: bool = False
+    gated_mlp: bool = True          # Llama/Qwen/Mistral/GLM: gate and up projections; GPT-2: one GELU projection
+    norms_per_layer: int = 2        # GLM-4 adds two post-norms
+    qk_norm: bool = False           # Qwen3
+    qkv_bias: bool = False
+    rotary_dim: int = 0             # 0: learned absolute positions (GPT-2)
+    positions: int = 0              # learned position embeddings (GPT-2)
+
+    @classmethod
+    def from_config(cls, config) -> "Geometry":
+        from .model import check_architecture
+        from .prefix import model_geometry
+
+        arch = check_architecture(config)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        g = model_geometry(text)
+        gpt2 = arch == "GPT2LMHeadModel"
+        if gpt2:
+            ffn = getattr(text, "n_inner", None) or 4 * g["hidden_size"]
+        else:
+            ffn = text.intermediate_size
+        rope = getattr(text, "rope_parameters", None) or {}
+        factor = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)) or 1.0
+        return cls(
+            architecture=arch,
+            layers=g["num_layers"],
+            hidden=g["hidden_size"],
+            heads=getattr(text, "num_attention_heads", None) or text.n_head,
+            kv_heads=g["num_kv_heads"],
+            head_dim=g["head_dim"],
+            ffn=int(ffn),
+            vocab=g["vocab_size"],
+            tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+            gated_mlp=not gpt2,
+            norms_per_layer=4 if arch == "Glm4ForCausalLM" else 2,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            qkv_bias=gpt2 or bool(getattr(text, "attention_bias", False)) or arch == "Qwen2ForCausalLM",
+            rotary_dim=0 if gpt2 else int(g["head_dim"] * factor),
+            positions=getattr(text, "n_positions", 0) if gpt2 else 0,
+        )
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(out_features, in_features) of every quantizable linear in one layer."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if not self.gated_mlp:  # GPT-2: fused c_attn, c_proj, c_fc, mlp.c_proj
+            return [(q + 2 * kv, h), (h, q), (self.ffn, h), (h, self.ffn)]
+        if self.architecture in ("GlmForCausalLM", "Glm4ForCausalLM"):  # fused gate_up_proj
+            mlp = [(2 * self.ffn, h), (h, self.ffn)]
+        else:
+            mlp = [(self.ffn, h), (self.ffn, h), (h, self.ffn)]
+        return [(q, h), (kv, h), (kv, h), (h, q)] + mlp
+
+    @property
+    def prefix_width(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the run does: everything except the model's shapes."""
+
+    dtype: str = "bf16"
+    quantization_bit: int | None = None
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    batch: int = 1
+    source_len: int = 64
+    target_len: int = 64
+    loss_columns: int | None = None   # None: target_len for batch 1, the worst case s - 1 for larger batches
+    pre_seq_len: int = 128
+    prefix_projection: bool = False
+    prefix_hidden_size: int = 512
+    gradient_checkpointing: bool = True
+    zero_stage: int = 0
+    world_size: int = 1
+
+    @property
+    def seq_len(self) -> int:
+        return self.source_len + self.target_len
+
+    @property
+    def columns(self) -> int:
+        if self.loss_columns is not None:
+            return self.loss_columns
+        return self.target_len if self.batch == 1 else self.seq_len - 1
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class MemoryPlan:
+    """The predicted peak of one training step, term by term (the module docstring explains each)."""
+
+    geometry: Geometry
+    setup: Setup
+    terms: dict[str, int] = field(default_factory=dict)  # name → bytes; their sum is the peak
+    phase: str = ""                                      # which moment sets the peak: "loss" or "layer backward"
+
+    @property
+    def peak(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def needed(self) -> int:
+        """What the card must have free: the peak plus the CUDA context and the allocator's slack."""
+        dynamic = self.terms.get("activations", 0) + self.terms.get("transient", 0)
+        return int(self.peak + CUDA_CONTEXT + FRAGMENTATION * dynamic)
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, bits: int | None, weight_bytes: int,
+                           double_quant: bool = False) -> int:
+    """Bytes of one linear's weight as bitsandbytes stores it."""
+    n = out_features * in_features
+    if not bits:
+        return n * weight_bytes
+    if bits == 8:
+        return n + out_features * 4
+    blocks = math.ceil(n / INT4_BLOCK)
+    if double_quant:
+        absmax = blocks + math.ceil(blocks / INT4_NESTED_BLOCK) * 4 + NESTED_CODE_BYTES
+    else:
+        absmax = blocks * 4
+    return math.ceil(n / 2) + absmax + INT4_CODE_BYTES
+
+
+def prefix_parameters(geo: Geometry, setup: Setup) -> int:
+    p, width = setup.pre_seq_len, geo.prefix_width
+    if not setup.prefix_projection:
+        return p * width
+    ph = setup.prefix_hidden_size
+    return p * geo.hidden + geo.hidden * ph + ph + ph * width + width
+
+
+def weight_bytes(geo: Geometry, setup: Setup) -> tuple[int, int]:
+    """(quantized linears, everything else) in bytes."""
+    c = DTYPE_BYTES[setup.dtype]
+    linears = geo.layers * sum(quantized_linear_bytes(o, i, setup.quantization_bit, c, setup.double_quant)
+                               for o, i in geo.linears())
+    h = geo.hidden
+    other = geo.vocab * h * (1 if geo.tied_embeddings else 2) + geo.positions * h
+    norm = h if geo.gated_mlp else 2 * h  # LayerNorm has a bias
+    other += (geo.layers * geo.norms_per_layer + 1) * norm
+    if geo.qk_norm:
+        other += geo.layers * 2 * geo.head_dim
+    if geo.qkv_bias:
+        other += geo.layers * (geo.heads + 2 * geo.kv_heads) * geo.head_dim
+    if not geo.gated_mlp:  # GPT-2's c_proj, c_fc and mlp.c_proj biases
+        other += geo.layers * (2 * h + geo.ffn)
+    rope = 4 * geo.rotary_dim  # RoPE's inv_freq and its original copy, r / 2 fp32 values each
+    return linears, other * c + rope
+
+
+def _layer_activations(geo: Geometry, setup: Setup) -> int:
+    """Bytes one layer keeps for backward, its norms included; not the INT8 inputs."""
+    c = DTYPE_BYTES[setup.dtype]
+    b, s, k = setup.batch, setup.seq_len, setup.pre_seq_len + setup.seq_len
+    H, g, d, f = geo.heads, geo.kv_heads, geo.head_dim, geo.ffn
+    # GPT-2's queries are a view of its fused q/k/v projection, so SDPA keeps all of that output alive
+    queries = b * s * (H + 2 * g) * d * c if not geo.gated_mlp else b * H * s * d * c
+    attention = b * s * k * c + queries + 2 * b * H * k * d * c + b * H * s * d * c + 4 * b * H * s
+    norms = geo.norms_per_layer * _norm(geo, setup) + _qk_norms(geo, setup)
+    mlp = (3 if geo.gated_mlp else 4) * b * s * f * c
+    return attention + norms + mlp
+
+
+def _norm(geo: Geometry, setup: Setup) -> int:
+    """An RMSNorm keeps its input upcast to fp32 and 1/rms per token; GPT-2's LayerNorm its input, mean and 1/std."""
+    b, s = setup.batch, setup.seq_len
+    if not geo.gated_mlp:
+        return b * s * geo.hidden * DTYPE_BYTES[setup.dtype] + 8 * b * s
+    return 4 * b * s * geo.hidden + 4 * b * s
+
+
+def _qk_norms(geo: Geometry, setup: Setup) -> int:
+    """Qwen3 normalises each query and key head (fp32 input and 1/rms kept)."""
+    if not geo.qk_norm:
+        return 0
+    return 4 * setup.batch * setup.seq_len * (geo.heads + geo.kv_heads) * (geo.head_dim + 1)
+
+
+def _int8_inputs(geo: Geometry, setup: Setup) -> int:
+    """bitsandbytes' INT8 matmul keeps its input as a Python attribute of its autograd context, so neither a frozen
+    weight nor gradient checkpointing releases it. Per layer: the q/k/v input, the MLP input, the down input, and
+    under checkpointing the o input too (without it, that one is SDPA's saved output anyway)."""
+    if setup.quantization_bit != 8:
+        return 0
+    width = 2 * geo.hidden + geo.ffn + (geo.heads * geo.head_dim if setup.gradient_checkpointing else 0)
+    return width * setup.batch * setup.seq_len * DTYPE_BYTES[setup.dtype]
+
+
+def _layer_backward(geo: Geometry, setup: Setup, dequant: int) -> int:
+    """Bytes alive while one layer is differentiated, beyond what it kept: the gradient arriving from above
+    (b s h c) plus the widest of
+      the MLP's gradients: the incoming one and the two of the gated product, 3 b s f c;
+      the attention's: output, queries, keys and values;
+      a quantized linear's backward: its weight dequantized to c, with the gradients on both sides, ~2 b s f c;
+      an RMSNorm's backward: about five fp32 [b, s, h] tensors, 20 b s h; in Llama-like layers the first norm is
+        reached after the MLP's backward has freed what the MLP kept (3 b s f c), while GLM-4's post-MLP norm is
+        differentiated first, with everything still there."""
+    c = DTYPE_BYTES[setup.dtype]
+    b, s, k = setup.batch, setup.seq_len, setup.pre_seq_len + setup.seq_len
+    H, d, h, f = geo.heads, geo.head_dim, geo.hidden, geo.ffn
+    mlp = 3 * b * s * f * c
+    attention = (2 * b * H * s * d + 2 * b * H * k * d) * c + 4 * b * H * s
+    linear = dequant + 2 * b * s * f * c if dequant else 0
+    norm = 20 * b * s * h - (mlp if geo.norms_per_layer <= 2 else 0) if geo.gated_mlp else 0
+    return b * s * h * c + max(mlp, attention, linear, norm)
+
+
+def plan(config_or_geometry, setup: Setup) -> MemoryPlan:
+    """The expected peak of one training step (see the module docstring for every term)."""
+    geo = config_or_geometry if isinstance(config_or_geometry, Geometry) else Geometry.from_config(config_or_geometry)
+    if setup.dtype not in DTYPE_BYTES:
+        raise UserError(f"memory plan: dtype {setup.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+    if setup.quantization_bit not in (None, 0, 4, 8):
+        raise UserError(f"--quantization_bit: expected 4 or 8, got {setup.quantization_bit}")
+    check_quantization_zero(setup.quantization_bit, setup.zero_stage)
+    c = DTYPE_BYTES[setup.dtype]
+    b, s, p, T, V, L = setup.batch, setup.seq_len, setup.pre_seq_len, setup.columns, geo.vocab, geo.layers
+    world = max(1, setup.world_size)
+    result = MemoryPlan(geo, setup)
+
+    linears, other = weight_bytes(geo, setup)
+    if setup.zero_stage == 3:
+        layer = sum(o * i for o, i in geo.linears()) * c
+        gathered = 2 * max(layer, geo.vocab * geo.hidden * c)
+        result.terms["weights (ZeRO-3 shard + 2 gathered layers)"] = (linears + other) // world + gathered
+    else:
+        result.terms["weights: linears"] = linears
+        result.terms["weights: embeddings, LM head, norms"] = other
+
+    P = prefix_parameters(geo, setup)
+    stage = setup.zero_stage
+    # parameters and AdamW moments; the gradient only appears at the end of backward, when the activations are gone
+    state = 4 * P // (world if stage == 3 else 1) + 8 * P // (world if stage >= 1 else 1)
+    result.terms["prefix state"] = state
+    if stage >= 2:
+        result.terms["DeepSpeed buffers"] = 2 * geo.hidden * geo.hidden * c
+
+    # Kept between forward and backward, at both candidate peak moments.
+    kv = b * p * geo.prefix_width * c  # the prefix keys/values of every layer, cast to the compute dtype
+    kept = 2 * b * s * geo.rotary_dim * c + L * _int8_inputs(geo, setup)
+    if setup.prefix_projection:
+        kept += 4 * p * (setup.prefix_hidden_size + geo.prefix_width)
+    layer = _layer_activations(geo, setup)
+    if setup.gradient_checkpointing:
+        # each layer's input, the boolean mask and (unless fp32, where they are views of the parameter) the prefix
+        # keys/values: the recomputation needs them
+        kept += L * b * s * geo.hidden * c + b * s * (p + s) + (kv if c != 4 else 0)
+        # in fp32 the input norm keeps the layer input itself, which is counted above
+        recomputed = layer - (4 * b * s * geo.hidden if c == 4 else 0)
+    else:
+        # layer 0's input norm (and Qwen3's q/k norms) see no gradient: nothing before them requires one
+        kept += L * layer - _norm(geo, setup) - _qk_norms(geo, setup)
+        recomputed = 0
+    result.terms["activations"] = kept
+
+    # The two candidate peaks: the start of backward (loss), or a layer's backward.
+    loss_phase = _norm(geo, setup) + 12 * b * T * V  # final norm; log-probs and their two fp32 gradients
+    dequant = max(o * i for o, i in geo.linears()) * c if setup.quantization_bit else 0
+    layer_phase = recomputed + _layer_backward(geo, setup, dequant) + kv
+    if loss_phase >= layer_phase:
+        result.terms["transient"], result.phase = loss_phase, "loss"
+    else:
+        result.terms["transient"], result.phase = layer_phase, "layer backward"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- ZeRO
+
+
+def zero_stage(deepspeed) -> int:
+    """The ZeRO stage of a --deepspeed value (a JSON file, a JSON string or a dict); 0 without DeepSpeed."""
+    if not deepspeed:
+        return 0
+    config = deepspeed
+    if isinstance(deepspeed, str):
+        if os.path.isfile(deepspeed):
+            try:
+                with open(deepspeed, encoding="utf-8") as f:
+                    config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--deepspeed {deepspeed!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        else:
+            try:
+                config = json.loads(deepspeed)
+            except json.JSONDecodeError:
+                raise UserError(f"--deepspeed {deepspeed!r}: no such file, and not a JSON object") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--deepspeed: expected a JSON object, got {type(config).__name__}")
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    try:
+        return int(stage)
+    except (TypeError, ValueError):
+        raise UserError(f"--deepspeed: zero_optimization.stage must be 0-3, got {stage!r}") from None
+
+
+def check_quantization_zero(quantization_bit, stage: int, source=None) -> None:
+    """ZeRO-3 shards every parameter across ranks; bitsandbytes' packed weights cannot be sharded."""
+    if quantization_bit and stage == 3:
+        where = f" ({source})" if isinstance(source, str) and os.path.isfile(source) else ""
+        raise UserError(
+            f"--quantization_bit {quantization_bit} cannot be combined with DeepSpeed ZeRO-3{where}: ZeRO-3 shards "
+            "parameters across ranks and cannot partition bitsandbytes-quantized weights. Use ZeRO-2 or plain DDP "
+            "(each rank then holds its own quantized copy), or drop --quantization_bit to shard a bf16 base"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '8 GiB', '7.5G', '8192MB' → bytes; GB and MB mean GiB and MiB, as GPU spec sheets do."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise UserError(f"--gpu_memory: expected a size such as 8GB or 7.5GiB, got {text!r}")
+    scale = {"": GiB, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
+    geo, st = result.geometry, result.setup
+    if st.quantization_bit == 8:
+        base = f"INT8 (LLM.int8), compute {st.dtype}"
+    elif st.quantization_bit == 4:
+        base = f"INT4 {st.quant_type}{' + double quant' if st.double_quant else ''}, compute {st.dtype}"
+    else:
+        base = f"{st.dtype} (not quantized)"
+    parallel = f"{st.world_size} GPU{'s' if st.world_size > 1 else ''}"
+    if st.zero_stage:
+        parallel += f", ZeRO-{st.zero_stage}"
+    elif st.world_size > 1:
+        parallel += ", DDP"
+    lines = [
+        f"memory plan for {geo.architecture} ({geo.layers} layers, hidden {geo.hidden}, {geo.heads}/{geo.kv_heads} "
+        f"heads × {geo.head_dim}, ffn {geo.ffn}, vocab {geo.vocab}), from the config alone",
+        f"  base {base}; batch {st.batch} × {st.seq_len} tokens ({st.source_len} source + "
+        f"{st.target_len} target, loss on {st.columns} columns), pre_seq_len {st.pre_seq_len}"
+        f"{' with projection' if st.prefix_projection else ''}; gradient checkpointing "
+        f"{'on' if st.gradient_checkpointing else 'off'}; {parallel}",
+    ]
+    width = max(len(name) for name in result.terms) + 2
+    for name, n in result.terms.items():
+        label = f"transient ({result.phase})" if name == "transient" else name
+        lines.append(f"  {label:<{width + 16}} {n / MiB:10.1f} MiB")
+    lines.append(f"  {'expected peak (torch.cuda.max_memory_allocated)':<{width + 16}} {result.peak / MiB:10.1f} MiB"
+                 f"  = {_gib(result.peak)}")
+    lines.append(f"  {'needs on the card (+ CUDA context, allocator slack)':<{width + 16}} "
+                 f"{result.needed / MiB:10.1f} MiB  = {_gib(result.needed)}")
+    if not st.gradient_checkpointing:
+        with_gc = plan(geo, dataclasses.replace(st, gradient_checkpointing=True))
+        lines.append(f"  with --gradient_checkpointing the peak would be {_gib(with_gc.peak)}")
+    if gpu_memory:
+        spare = gpu_memory - result.needed
+        verdict = f"fits ({_gib(spare)} to spare)" if spare >= 0 else f"does NOT fit ({_gib(-spare)} short)"
+        lines.append(f"  on a {_gib(gpu_memory)} card: {verdict}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def state_bytes(*objects) -> int:
+    """Bytes of every distinct storage reachable from modules, optimizers and tensors: parameters, buffers,
+    bitsandbytes' quantization state (absmax, codebooks, int8 scales) and optimizer moments."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen.setdefault(st.data_ptr(), st.nbytes())
+
+    def walk(obj, depth=0):
+        if depth > 3 or obj is None:
+            return
+        if isinstance(obj, torch.Tensor):
+            add(obj)
+            for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+                walk(value, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value, depth + 1)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value, depth + 1)
+        elif type(obj).__module__.startswith("bitsandbytes"):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            for module in obj.modules():
+                for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                    walk(t)
+                walk(getattr(module, "state", None))
+        elif isinstance(obj, torch.optim.Optimizer):
+            walk(list(obj.state.values()))
+        else:
+            walk(obj)
+    return sum(seen.values())
+
+
+def measure_step(step, *state, device=None) -> tuple[int, int]:
+    """(bytes of the state before the step, peak bytes allocated during ``step()`` above it).
+
+    CUDA: the allocator's own counters. CPU: the ordered allocation/free events torch.profiler records from
+    PyTorch's CPU allocator; their running sum's maximum is the peak.
+    """
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return before, torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    before = state_bytes(*state)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return before, peak

@@ -1,0 +1,196 @@
+"""The memory planner: its prediction against the measured peak of real steps on tiny models (CPU allocator
+events, see ptuning/memory.py) and its arithmetic for a 6B GLM against a hand computation."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ptuning import memory
+from ptuning.errors import UserError
+from ptuning.memory import GiB, Geometry, Setup, measure_step, plan, state_bytes, weight_bytes
+from ptuning.model import attach_prefix
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+            bos_token_id=2)
+GPT2 = dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+CASES = {  # id: (model_type, torch_dtype, quantization, gradient checkpointing)
+    "llama-bf16": ("llama", "bf16", {}, False),
+    "llama-bf16-gc": ("llama", "bf16", {}, True),
+    "glm-nf4-gc": ("glm", "bf16", dict(quantization_bit=4), True),
+    "glm-fp4-double": ("glm", "bf16", dict(quantization_bit=4, quant_type="fp4", double_quant=True), False),
+    "qwen2-int8": ("qwen2", "bf16", dict(quantization_bit=8), False),
+    "qwen2-int8-gc": ("qwen2", "bf16", dict(quantization_bit=8), True),
+    "glm4-fp32-gc": ("glm4", "fp32", {}, True),
+    "gpt2-fp32": ("gpt2", "fp32", {}, False),
+}
+
+
+def tiny_config(model_type):
+    config = AutoConfig.for_model(model_type, **(GPT2 if model_type == "gpt2" else TINY))
+    config.architectures = [type(AutoModelForCausalLM.from_config(config)).__name__]
+    return config
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("memory")
+    paths = {}
+    for model_type in sorted({case[0] for case in CASES.values()}):
+        config = tiny_config(model_type)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / model_type)
+        paths[model_type] = str(root / model_type)
+    return paths
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_is_within_15_percent_of_the_measured_peak(checkpoints, case):
+    model_type, dtype, quantization, gc = CASES[case]
+    path = checkpoints[model_type]
+    from ptuning.model import DTYPES, quantization_config
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quantization_config(
+        quantization.get("quantization_bit"), DTYPES[dtype], quantization.get("quant_type", "nf4"),
+        quantization.get("double_quant", False)))
+    b, source, target, p = 2, 24, 24, 16
+    model = attach_prefix(base, p)
+    model.train()
+    if gc:
+        model.gradient_checkpointing_enable()
+    ids = torch.randint(3, 500, (b, source + target), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :source] = -100
+    opt = torch.optim.AdamW(model.prefix_encoder.parameters())
+
+    def step():
+        model(ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # creates the AdamW moments
+    before, peak = measure_step(step, model, opt)
+    setup = Setup(dtype=dtype, batch=b, source_len=source, target_len=target, loss_columns=target, pre_seq_len=p,
+                  gradient_checkpointing=gc, **quantization)
+    predicted = plan(AutoConfig.from_pretrained(path), setup)
+    assert sum(weight_bytes(predicted.geometry, setup)) == state_bytes(model.base)  # to the byte
+    measured = before + peak
+    assert abs(predicted.peak / measured - 1) <= 0.15, (predicted.peak, measured, predicted.terms)
+
+
+def test_measure_step_sees_every_allocation_in_order():
+    def step():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(500, 1000)  # 2 MB
+        del a
+        c = torch.empty(2000, 1000)  # 8 MB: 10 MB live
+        del b, c
+
+    held = torch.empty(250, 1000)
+    assert measure_step(step, held) == (1_000_000, 10_000_000)
+
+
+CHATGLM3 = dict(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
+                num_attention_heads=32, num_key_value_heads=2, head_dim=128, pad_token_id=0, dtype="bfloat16")
+
+
+def chatglm3_config():
+    config = AutoConfig.for_model("glm", **CHATGLM3)
+    config.architectures = ["GlmForCausalLM"]
+    return config
+
+
+def test_chatglm3_6b_int4_plan_equals_the_hand_computation():
+    """ChatGLM-6B's P-tuning defaults (pre_seq_len 128, 64 + 64 tokens, batch 1) with NF4 and checkpointing."""
+    result = plan(chatglm3_config(), Setup(dtype="bf16", quantization_bit=4, batch=1, source_len=64,
+                                          target_len=64, pre_seq_len=128, gradient_checkpointing=True))
+    h, f, L, V = 4096, 13696, 28, 65024
+    # per layer q 4096x4096, k and v 256x4096, o 4096x4096, gate_up 27392x4096, down 4096x13696
+    per_layer = 2 * 4096 * 4096 + 2 * 256 * 4096 + 27392 * 4096 + 4096 * 13696
+    assert per_layer == 203_948_032
+    # 4 bits = 1/2 byte, one fp32 absmax per 64 weights = 1/16 byte, a 16-entry fp32 codebook per linear
+    linears = L * (per_layer // 2 + per_layer // 16 + 6 * 64)
+    assert linears == 3_212_192_256
+    # embeddings + untied LM head, 57 RMSNorm weights, q/k/v biases: bf16; RoPE inv_freq (32 + 32 fp32)
+    other = 2 * V * h * 2 + 57 * h * 2 + L * (4096 + 2 * 256) * 2 + 4 * 64
+    assert other == 1_066_078_464
+    prefix_params = 128 * L * 2 * 256  # pre_seq_len x (layers x keys/values x 2 kv heads x 128)
+    assert prefix_params == 1_835_008
+    state = 12 * prefix_params  # fp32 weights + AdamW's two moments
+    b, s, p = 1, 128, 128
+    kv = b * p * (L * 2 * 256) * 2  # prefix keys/values of every layer, cast to bf16
+    kept = L * b * s * h * 2 + b * s * (p + s) + kv + 2 * b * s * 64 * 2  # layer inputs, bool mask, K/V, RoPE
+    assert kept == 33_095_680
+    layer = (b * s * (p + s) * 2            # float attention bias
+             + b * 32 * s * 128 * 2 * 2     # queries and output
+             + 2 * b * 32 * (p + s) * 128 * 2  # keys and values, repeated to 32 heads
+             + 4 * b * 32 * s               # logsumexp
+             + 2 * (4 * b * s * h + 4 * b * s)  # two RMSNorms, fp32
+             + 3 * b * s * f * 2)           # gate, up, act(gate)
+    assert layer == 21_087_232
+    dequant = 27392 * 4096 * 2  # gate_up dequantized to bf16 in backward: the biggest linear
+    transient = layer + b * s * h * 2 + dequant + 2 * b * s * f * 2 + kv
+    loss = 4 * b * s * h + 4 * b * s + 12 * b * 64 * V
+    assert transient > loss and result.phase == "layer backward"
+    assert result.terms == {"weights: linears": linears, "weights: embeddings, LM head, norms": other,
+                            "prefix state": state, "activations": kept, "transient": transient}
+    assert result.peak == 4_590_599_936  # 4.28 GiB: fits 8 GB with room, as ChatGLM-6B's "7 GB" did
+    assert result.needed <= 5.5 * GiB
+
+
+def test_chatglm3_6b_bf16_and_int8_plans():
+    setup = Setup(dtype="bf16", batch=1, source_len=64, target_len=64, pre_seq_len=128)
+    bf16 = plan(chatglm3_config(), setup)
+    assert bf16.terms["weights: linears"] == 28 * 203_948_032 * 2
+    assert bf16.phase == "loss" and bf16.terms["transient"] == 4 * 128 * 4096 + 4 * 128 + 12 * 64 * 65024
+    assert 11.5 * GiB < bf16.peak < 12 * GiB
+    int8 = plan(chatglm3_config(), Setup(dtype="bf16", quantization_bit=8, batch=1, source_len=64, target_len=64,
+                                         pre_seq_len=128))
+    # int8 rows + an fp32 scale per output row
+    out_rows = 4096 + 256 + 256 + 4096 + 27392 + 4096
+    assert int8.terms["weights: linears"] == 28 * (203_948_032 + 4 * out_rows)
+    # the int8 matmul keeps its inputs even under checkpointing: (2h + Hd + f) b s c per layer
+    assert int8.terms["activations"] - bf16.terms["activations"] == 28 * (2 * 4096 + 4096 + 13696) * 128 * 2
+    no_gc = plan(chatglm3_config(), Setup(dtype="bf16", quantization_bit=4, batch=4, source_len=64, target_len=128,
+                                          pre_seq_len=128, gradient_checkpointing=False))
+    gc = plan(chatglm3_config(), Setup(dtype="bf16", quantization_bit=4, batch=4, source_len=64, target_len=128,
+                                       pre_seq_len=128, gradient_checkpointing=True))
+    assert no_gc.peak > gc.peak + GiB  # checkpointing is what makes batch 4 cheap
+
+
+def test_loss_columns_default_to_the_worst_case_for_batches():
+    assert Setup(batch=1, source_len=64, target_len=64).columns == 64
+    assert Setup(batch=4, source_len=64, target_len=64).columns == 127
+    assert Setup(batch=4, source_len=64, target_len=64, loss_columns=64).columns == 64
+
+
+def test_sizes():
+    assert memory.parse_size("8GB") == memory.parse_size("8 GiB") == memory.parse_size("8") == 8 * GiB
+    assert memory.parse_size("7.5G") == int(7.5 * GiB)
+    assert memory.parse_size("8192MB") == 8 * GiB
+
+
+def test_zero2_and_ddp_with_a_quantized_base_are_fine():
+    assert memory.zero_stage(os.path.join(ROOT, "ds_configs", "zero2.json")) == 2
+    assert memory.zero_stage(os.path.join(ROOT, "ds_configs", "zero3_offload.json")) == 3
+    assert memory.zero_stage(None) == 0
+    memory.check_quantization_zero(4, 2)
+    memory.check_quantization_zero(8, 0)
+    memory.check_quantization_zero(None, 3)
+    with pytest.raises(UserError, match="not a JSON object"):
+        memory.zero_stage("/nonexistent/ds.json")
+
+
+def test_geometry_of_every_supported_family():
+    glm4 = AutoConfig.for_model("glm4", **TINY)
+    glm4.architectures = ["Glm4ForCausalLM"]
+    assert Geometry.from_config(glm4).norms_per_layer == 4
+    gpt2 = Geometry.from_config(tiny_config("gpt2"))
+    assert (gpt2.ffn, gpt2.tied_embeddings, gpt2.gated_mlp, gpt2.rotary_dim) == (256, True, False, 0)
+    glm = Geometry.from_config(chatglm3_config())
+    assert (glm.rotary_dim, glm.qkv_bias, glm.tied_embeddings) == (64, True, False)
+
