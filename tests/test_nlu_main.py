@@ -96,6 +96,15 @@ def test_predict_from_the_export_needs_no_task_type_and_matches(workspace, cls_r
     assert results(tmp_path, "predict")["predict_accuracy"] == results(cls_run, "eval")["eval_accuracy"]
 
 
+def test_the_default_length_shrinks_to_fit_a_small_encoder_but_an_explicit_one_does_not(workspace, cls_run, tmp_path):
+    _, model_dir, files = workspace
+    argv = common(model_dir, tmp_path) + ["--ptuning_checkpoint", str(cls_run), "--do_predict", "--test_file",
+                                          files["cls_dev"]]
+    argv[argv.index("--max_source_length") + 1] = "256"  # the default: 16 + 256 > the demo BERT's 128 positions
+    assert main.main(argv) == 0
+    assert (tmp_path / "predictions.jsonl").read_text() == (cls_run / "predictions.jsonl").read_text()
+
+
 def test_token_classification_learns_entities(workspace, tmp_path):
     _, model_dir, files = workspace
     assert main.main(common(model_dir, tmp_path) + train_args("token_cls", files, "ner", 12)) == 0

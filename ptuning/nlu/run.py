@@ -9,12 +9,13 @@ import os
 import numpy as np
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
 
+from ..args import DataArguments
 from ..errors import UserError
 from ..train import PrefixTrainer, _gathered, check_output_dir, latest_checkpoint
 from . import data as nlu_data
 from . import metrics as nlu_metrics
 from . import qa
-from .model import check_length, encoder_config, load, load_head, read_nlu_config, save_nlu
+from .model import check_length, encoder_config, load, load_head, position_budget, read_nlu_config, save_nlu
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class NluTrainer(PrefixTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model or self.prefix_model
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        with _gathered(list(model.parameters())):
+        head = dict(model.base.named_parameters())
+        with _gathered([head[n] for n in model.head_names()]):
             load_head(model, resume_from_checkpoint)
 
 
@@ -158,7 +160,14 @@ def run_nlu(model_args, prefix_args, data_args, training_args) -> None:
 
     max_length, stride = data_args.max_source_length, data_args.doc_stride
     pre_seq_len = read_nlu_config(ckpt).pre_seq_len if ckpt else prefix_args.pre_seq_len
-    check_length(encoder_config(model_args), pre_seq_len, max_length)
+    config = encoder_config(model_args)
+    budget = position_budget(config, pre_seq_len)
+    if max_length == DataArguments.__dataclass_fields__["max_source_length"].default and max_length > budget > 0:
+        logger.warning("--max_source_length %d (the default) leaves no room for the %d-token prefix in this "
+                       "%s's %d positions; using %d", max_length, pre_seq_len, config.model_type,
+                       config.max_position_embeddings, budget)
+        max_length = budget
+    check_length(config, pre_seq_len, max_length)
     if task_type == "qa" and not 0 < stride < max_length:
         raise UserError(f"--doc_stride: expected 0 < doc_stride < --max_source_length ({max_length}), got {stride}")
 
