@@ -12,7 +12,7 @@ logger = logging.getLogger("ptuning")
 
 # `python main.py NAME ...` subcommands: (module, function) taking the remaining arguments
 SUBCOMMANDS = {"convert": ("ptuning.interop", "run_convert"), "evaluate": ("ptuning.infer", "run_evaluate"),
-               "chat": ("ptuning.chat", "run_chat")}
+               "chat": ("ptuning.chat", "run_chat"), "plan": ("ptuning.memory", "run_plan")}
 
 
 def run(argv=None) -> None:

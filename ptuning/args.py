@@ -128,10 +128,10 @@ def _read_config_file(path: str) -> dict:
     return data
 
 
-def parse_args(argv: list[str] | None = None):
-    """Parse flags; ``--config file.yaml|json`` supplies defaults that explicit flags override."""
+def parse_namespace(argv: list[str] | None = None, classes=ARGUMENT_CLASSES):
+    """The raw flag values of ``classes``; ``--config file.yaml|json`` supplies defaults that explicit flags override."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(classes)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -146,6 +146,16 @@ def parse_args(argv: list[str] | None = None):
     namespace, rest = parser.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown arguments: {' '.join(rest)}")
+    return namespace
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse flags into the argument dataclasses (see ``parse_namespace``)."""
+    from .memory import check_quantization_zero, zero_stage
+
+    namespace = parse_namespace(argv)
+    if namespace.quantization_bit:  # refused before TrainingArguments sets DeepSpeed up
+        check_quantization_zero(namespace.quantization_bit, zero_stage(namespace.deepspeed), namespace.deepspeed)
     outputs = []
     for cls in ARGUMENT_CLASSES:
         names = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}

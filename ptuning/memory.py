@@ -479,6 +479,76 @@ def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+@dataclass
+class PlanArguments:
+    gpu_memory: str | None = field(default=None, metadata={"help": "Card size to check the plan against, e.g. 8GB."})
+    world_size: int = field(default=1, metadata={"help": "Processes (GPUs) the run will use."})
+    loss_columns: int | None = field(
+        default=None,
+        metadata={"help": "Loss columns per row (default: max_target_length for batch 1, else the worst case)."},
+    )
+
+
+def run_plan(argv=None) -> MemoryPlan:
+    """``main.py plan FLAGS``: print the plan for a training command's flags and return it; never loads weights.
+
+    Every flag of a training run is accepted (so any command becomes a dry run by putting ``plan`` in front of it),
+    plus ``--gpu_memory``, ``--world_size`` and ``--loss_columns``.
+    """
+    from .args import ARGUMENT_CLASSES, parse_namespace
+
+    ns = parse_namespace(argv, ARGUMENT_CLASSES + (PlanArguments,))
+    if not ns.model_name_or_path:
+        raise UserError("plan: --model_name_or_path is required (a model directory, a config.json or a hub id)")
+    config = load_config(ns.model_name_or_path, ns.trust_remote_code)
+    stage = zero_stage(ns.deepspeed)
+    check_quantization_zero(ns.quantization_bit, stage, ns.deepspeed)
+    gc = bool(getattr(ns, "gradient_checkpointing", False) or getattr(ns, "activation_checkpointing", False))
+    setup = Setup(
+        dtype=resolve_dtype(ns.torch_dtype, config),
+        quantization_bit=ns.quantization_bit or None,
+        quant_type=ns.quant_type,
+        double_quant=ns.double_quant,
+        batch=ns.per_device_train_batch_size,
+        source_len=ns.max_source_length,
+        target_len=ns.max_target_length,
+        loss_columns=ns.loss_columns,
+        pre_seq_len=ns.pre_seq_len,
+        prefix_projection=ns.prefix_projection,
+        prefix_hidden_size=ns.prefix_hidden_size,
+        gradient_checkpointing=gc,
+        zero_stage=stage,
+        world_size=ns.world_size,
+    )
+    result = plan(config, setup)
+    print(describe(result, parse_size(ns.gpu_memory) if ns.gpu_memory else None))
+    return result
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """A transformers config from a model directory, a config.json file or a hub id (the config only)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model_name_or_path {name_or_path!r}: cannot load a model config ({e})") from None
+
+
+def resolve_dtype(torch_dtype: str, config) -> str:
+    """The compute dtype a run will use: --torch_dtype, or for 'auto' the checkpoint's own (fp32 when unset)."""
+    if torch_dtype != "auto":
+        if torch_dtype not in DTYPE_BYTES:
+            raise UserError(f"--torch_dtype: expected one of auto, {', '.join(sorted(DTYPE_BYTES))}; got {torch_dtype!r}")
+        return torch_dtype
+    dtype = getattr(config, "dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    return name if name in DTYPE_BYTES else "float32"
+
+
 # ---------------------------------------------------------------------------------------------------- measuring
 
 

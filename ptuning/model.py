@@ -8,10 +8,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import UserError
+from .memory import check_quantization_zero
 from .prefix import PrefixConfig, PrefixEncoder, generation_cache, model_geometry, read_only_cache
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ def load_base_model(name_or_path: str, torch_dtype: str = "auto", trust_remote_c
     except OSError as e:
         raise UserError(f"--model_name_or_path {name_or_path!r}: cannot load a model config ({e})") from None
     check_architecture(config)
+    if quantization_bit and is_deepspeed_zero3_enabled():
+        check_quantization_zero(quantization_bit, 3)
     dtype = DTYPES[torch_dtype]
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(

@@ -1,16 +1,20 @@
 """The memory planner: its prediction against the measured peak of real steps on tiny models (CPU allocator
-events, see ptuning/memory.py) and its arithmetic for a 6B GLM against a hand computation."""
+events, see ptuning/memory.py), its arithmetic for a 6B GLM against a hand computation, the `plan` command line,
+and the refusal of a quantized base under ZeRO-3."""
 
+import json
 import os
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import main
 from ptuning import memory
+from ptuning.args import parse_args
 from ptuning.errors import UserError
 from ptuning.memory import GiB, Geometry, Setup, measure_step, plan, state_bytes, weight_bytes
-from ptuning.model import attach_prefix
+from ptuning.model import attach_prefix, load_base_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
@@ -168,10 +172,74 @@ def test_loss_columns_default_to_the_worst_case_for_batches():
     assert Setup(batch=4, source_len=64, target_len=64, loss_columns=64).columns == 64
 
 
+@pytest.fixture
+def config_dir(tmp_path):
+    """A directory with a config.json and no weights: the planner must never need them."""
+    chatglm3_config().save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]
+    return tmp_path
+
+
+def test_plan_command_prints_the_terms_and_the_verdict(config_dir, capsys):
+    argv = ["plan", "--model_name_or_path", str(config_dir / "config.json"), "--quantization_bit", "4",
+            "--torch_dtype", "bf16", "--per_device_train_batch_size", "1", "--max_source_length", "64",
+            "--max_target_length", "64", "--pre_seq_len", "128", "--gradient_checkpointing", "--gpu_memory", "8GB"]
+    assert main.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "GlmForCausalLM (28 layers, hidden 4096" in out and "base INT4 nf4, compute bf16;" in out
+    assert "expected peak (torch.cuda.max_memory_allocated)" in out and "= 4.28 GiB" in out
+    assert "on a 8.00 GiB card: fits" in out
+    argv[argv.index("4")] = "8"
+    argv[argv.index("8GB")] = "6GB"
+    assert main.main(argv) == 0
+    assert "on a 6.00 GiB card: does NOT fit" in capsys.readouterr().out
+
+
+def test_plan_in_front_of_a_whole_training_command_is_its_dry_run(config_dir, capsys):
+    argv = ["plan", "--model_name_or_path", str(config_dir), "--do_train", "--train_file", "x.jsonl", "--output_dir",
+            "/nonexistent/out", "--learning_rate", "2e-2", "--max_steps", "3000", "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "4", "--pre_seq_len", "128", "--deepspeed",
+            os.path.join(ROOT, "ds_configs", "zero2.json")]
+    assert main.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "base bfloat16 (not quantized)" in out  # "auto" resolves to the checkpoint's dtype
+    assert "batch 4 × 384 tokens (256 source + 128 target, loss on 383 columns)" in out
+    assert "gradient checkpointing off" in out and "with --gradient_checkpointing the peak would be" in out
+    assert "1 GPU, ZeRO-2" in out and "DeepSpeed buffers" in out
+
+
+def test_plan_errors_are_one_line(tmp_path, capsys):
+    assert main.main(["plan", "--model_name_or_path", str(tmp_path)]) == 2
+    assert "cannot load a model config" in capsys.readouterr().err
+    assert main.main(["plan"]) == 2
+    assert "--model_name_or_path is required" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--gpu_memory"):
+        memory.parse_size("lots")
+
+
 def test_sizes():
     assert memory.parse_size("8GB") == memory.parse_size("8 GiB") == memory.parse_size("8") == 8 * GiB
     assert memory.parse_size("7.5G") == int(7.5 * GiB)
     assert memory.parse_size("8192MB") == 8 * GiB
+
+
+ZERO3_MESSAGE = "cannot be combined with DeepSpeed ZeRO-3"
+
+
+def test_zero3_with_a_quantized_base_is_refused_before_anything_loads(config_dir, capsys):
+    zero3 = os.path.join(ROOT, "ds_configs", "zero3.json")
+    argv = ["--model_name_or_path", str(config_dir), "--quantization_bit", "4", "--deepspeed", zero3,
+            "--output_dir", "/nonexistent/out"]
+    with pytest.raises(UserError, match=ZERO3_MESSAGE + r".*zero3.json.*Use ZeRO-2 or plain DDP"):
+        parse_args(argv)
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert ZERO3_MESSAGE in err and "Traceback" not in err
+    assert main.main(["plan"] + argv) == 2
+    assert ZERO3_MESSAGE in capsys.readouterr().err
+    inline = json.dumps({"zero_optimization": {"stage": 3}})
+    with pytest.raises(UserError, match=ZERO3_MESSAGE):
+        parse_args(argv[:5] + [inline])
 
 
 def test_zero2_and_ddp_with_a_quantized_base_are_fine():
@@ -183,6 +251,15 @@ def test_zero2_and_ddp_with_a_quantized_base_are_fine():
     memory.check_quantization_zero(None, 3)
     with pytest.raises(UserError, match="not a JSON object"):
         memory.zero_stage("/nonexistent/ds.json")
+
+
+def test_load_base_model_refuses_quantization_when_zero3_is_active(config_dir, monkeypatch):
+    """Library use: TrainingArguments with a ZeRO-3 config built before ptuning.load()."""
+    import ptuning.model
+
+    monkeypatch.setattr(ptuning.model, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(UserError, match=ZERO3_MESSAGE):
+        load_base_model(str(config_dir), quantization_bit=4)
 
 
 def test_geometry_of_every_supported_family():
