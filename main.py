@@ -22,13 +22,17 @@ def run(argv=None) -> None:
 
         module, function = SUBCOMMANDS[argv[0]]
         return getattr(importlib.import_module(module), function)(argv[1:])
+    from transformers import set_seed
+
     import ptuning
+    from ptuning import distributed
     from ptuning.args import parse_args
     from ptuning.data import ColumnSpec, encode_dataset, load_rows, validate_rows
     from ptuning.infer import preview, print_prompt_reply, run_predict
     from ptuning.nlu import is_nlu_run
     from ptuning.train import check_output_dir, run_training
 
+    distributed.prepare(sys.argv[1:] if argv is None else argv)
     model_args, prefix_args, data_args, training_args = parse_args(argv)
     if is_nlu_run(model_args):
         from ptuning.nlu.run import run_nlu
@@ -47,6 +51,7 @@ def run(argv=None) -> None:
     if training_args.do_train:
         check_output_dir(training_args)
 
+    set_seed(training_args.seed)  # a fresh prefix starts from the same values on every rank and every run
     model, tokenizer = ptuning.load(
         model_args.model_name_or_path, model_args.ptuning_checkpoint, torch_dtype=model_args.torch_dtype,
         trust_remote_code=model_args.trust_remote_code, quantization_bit=model_args.quantization_bit,
@@ -54,6 +59,11 @@ def run(argv=None) -> None:
         for_training=training_args.do_train, **vars(prefix_args),
     )
     preview_file = data_args.test_file or data_args.validation_file
+    no_generation = distributed.generation_skipped(training_args)  # only rank 0 generates, and not under ZeRO-3
+    if no_generation:
+        data_args.preview_samples = 0
+        if distributed.is_main_process() and (training_args.do_predict or data_args.prompt):
+            logger.warning("not generating: %s", no_generation)
     if training_args.do_train:
         lengths = (data_args.max_source_length, data_args.max_target_length)
         train_set = encode_dataset(validated[data_args.train_file], data_args.train_file, tokenizer, *lengths)
@@ -64,20 +74,24 @@ def run(argv=None) -> None:
         before = preview(model, tokenizer, preview_file, columns, data_args, "before training")
         run_training(model, tokenizer, train_set, eval_set, training_args)
         preview(model, tokenizer, preview_file, columns, data_args, "after training", before)
-    if training_args.do_predict:
+    if training_args.do_predict and not no_generation:
         run_predict(model, tokenizer, data_args, columns, training_args)
-    if data_args.prompt:
+    if data_args.prompt and not no_generation:
         print_prompt_reply(model, tokenizer, data_args)
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+    from ptuning import distributed
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=distributed.log_level(),
                         stream=sys.stdout)
     try:
         run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 
