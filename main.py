@@ -32,7 +32,7 @@ def run(argv=None) -> None:
     from ptuning.nlu import is_nlu_run
     from ptuning.train import check_output_dir, run_training
 
-    distributed.prepare(sys.argv[1:] if argv is None else argv)
+    distributed.prepare(argv)
     model_args, prefix_args, data_args, training_args = parse_args(argv)
     if is_nlu_run(model_args):
         from ptuning.nlu.run import run_nlu
