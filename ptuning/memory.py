@@ -190,6 +190,7 @@ class Setup:
     gradient_checkpointing: bool = True
     zero_stage: int = 0
     world_size: int = 1
+    device: str = "cuda"              # "cpu" only to compare with CPU measurements (see ``dequantized``)
 
     @property
     def seq_len(self) -> int:
@@ -375,13 +376,26 @@ def plan(config_or_geometry, setup: Setup) -> MemoryPlan:
 
     # The two candidate peaks: the start of backward (loss), or a layer's backward.
     loss_phase = _norm(geo, setup) + 12 * b * T * V  # final norm; log-probs and their two fp32 gradients
-    dequant = max(o * i for o, i in geo.linears()) * c if setup.quantization_bit else 0
+    dequant = dequantized(geo, setup)
     layer_phase = recomputed + _layer_backward(geo, setup, dequant) + kv
     if loss_phase >= layer_phase:
         result.terms["transient"], result.phase = loss_phase, "loss"
     else:
         result.terms["transient"], result.phase = layer_phase, "layer backward"
     return result
+
+
+def dequantized(geo: Geometry, setup: Setup) -> int:
+    """Bytes of the biggest linear's weight dequantized to c for a 4/8-bit matmul's backward (0 unquantized).
+
+    On CPU only, INT8's ``CB.to(bf16).mul_(fp32 row scales)`` also makes two fp32 temporaries of the weight
+    (CPU elementwise kernels cast mixed dtypes through temporaries; CUDA kernels cast on the fly)."""
+    if not setup.quantization_bit:
+        return 0
+    c = DTYPE_BYTES[setup.dtype]
+    numel = max(o * i for o, i in geo.linears())
+    cpu_int8 = 8 * numel if setup.device == "cpu" and setup.quantization_bit == 8 and c != 4 else 0
+    return numel * c + cpu_int8
 
 
 # ---------------------------------------------------------------------------------------------------- ZeRO

@@ -1,6 +1,6 @@
 """The memory planner: its prediction against the measured peak of real steps on tiny models (CPU allocator
 events, see ptuning/memory.py), its arithmetic for a 6B GLM against a hand computation, the `plan` command line,
-and the refusal of a quantized base under ZeRO-3."""
+the refusal of a quantized base under ZeRO-3, bench/memory.py and the low-VRAM preset."""
 
 import json
 import os
@@ -79,7 +79,7 @@ def test_plan_is_within_15_percent_of_the_measured_peak(checkpoints, case):
     step()  # creates the AdamW moments
     before, peak = measure_step(step, model, opt)
     setup = Setup(dtype=dtype, batch=b, source_len=source, target_len=target, loss_columns=target, pre_seq_len=p,
-                  gradient_checkpointing=gc, **quantization)
+                  gradient_checkpointing=gc, device="cpu", **quantization)
     predicted = plan(AutoConfig.from_pretrained(path), setup)
     assert sum(weight_bytes(predicted.geometry, setup)) == state_bytes(model.base)  # to the byte
     measured = before + peak
@@ -271,3 +271,35 @@ def test_geometry_of_every_supported_family():
     glm = Geometry.from_config(chatglm3_config())
     assert (glm.rotary_dim, glm.qkv_bias, glm.tied_embeddings) == (64, True, False)
 
+
+def test_bench_runs_on_cpu_with_a_small_config(tmp_path, capsys):
+    """bench/memory.py end to end (each variant in its own process), on a micro GLM: planned within 15 %."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(ROOT, "bench", "memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "memory.md"
+    argv = ["--config", "micro", "--dtypes", "int4", "--batches", "2", "--gc", "on", "--steps", "1",
+            "--source_len", "16", "--target_len", "16", "--pre_seq_len", "8", "--model_dir", str(tmp_path / "model"),
+            "--device", "cpu", "--out", str(out)]
+    assert bench.main(argv) == 0, capsys.readouterr().err[-3000:]
+    table = out.read_text()
+    assert "Command: `python bench/memory.py --config micro --dtypes int4" in table
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| int4")]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [("int4", "2", "on")]
+    assert abs(float(rows[0][6].strip().rstrip("%"))) <= 15 and float(rows[0][7]) > 0
+
+
+def run_script(env):
+    import subprocess
+
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "train_lowvram.sh")], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+
+
+def test_lowvram_preset_plans_first_and_stops_when_it_does_not_fit(config_dir):
+    proc = run_script({"MODEL": str(config_dir), "GPU_MEMORY": "4GB"})
+    assert "base INT4 nf4 + double quant, compute bf16; batch 1 × 128 tokens" in proc.stdout, proc.stderr[-2000:]
+    assert "gradient checkpointing on" in proc.stdout and "on a 4.00 GiB card: does NOT fit" in proc.stdout
+    assert proc.returncode == 1 and "not starting" in proc.stderr
