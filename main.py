@@ -22,6 +22,7 @@ def run(argv=None) -> None:
 
         module, function = SUBCOMMANDS[argv[0]]
         return getattr(importlib.import_module(module), function)(argv[1:])
+    import torch
     from transformers import set_seed
 
     import ptuning
@@ -31,6 +32,7 @@ def run(argv=None) -> None:
     from ptuning.infer import preview, print_prompt_reply, run_predict
     from ptuning.nlu import is_nlu_run
     from ptuning.train import check_output_dir, run_training
+    from ptuning.validate import validate_run
 
     distributed.prepare(argv)
     model_args, prefix_args, data_args, training_args = parse_args(argv)
@@ -38,14 +40,10 @@ def run(argv=None) -> None:
         from ptuning.nlu.run import run_nlu
 
         return run_nlu(model_args, prefix_args, data_args, training_args)
-    if not model_args.model_name_or_path:
-        raise UserError("--model_name_or_path is required (a local directory or hub id)")
+    validate_run(model_args, prefix_args, data_args, training_args, torch.cuda.is_available(),
+                 distributed.world_size())
     columns = ColumnSpec(data_args.prompt_column, data_args.response_column, data_args.history_column,
                          data_args.messages_column)
-    if training_args.do_train and not data_args.train_file:
-        raise UserError("--do_train needs --train_file")
-    if training_args.do_predict and not data_args.test_file:
-        raise UserError("--do_predict needs --test_file")
     paths = [p for p in (data_args.train_file, data_args.validation_file, data_args.test_file) if p]
     validated = {p: validate_rows(load_rows(p), columns, p) for p in paths}
     if training_args.do_train:

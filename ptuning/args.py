@@ -154,8 +154,8 @@ def parse_args(argv: list[str] | None = None):
     from .memory import check_quantization_zero, zero_stage
 
     namespace = parse_namespace(argv)
-    if namespace.quantization_bit:  # refused before TrainingArguments sets DeepSpeed up
-        check_quantization_zero(namespace.quantization_bit, zero_stage(namespace.deepspeed), namespace.deepspeed)
+    stage = zero_stage(getattr(namespace, "deepspeed", None))  # a broken file is named before TrainingArguments reads it
+    check_quantization_zero(getattr(namespace, "quantization_bit", None), stage, getattr(namespace, "deepspeed", None))
     outputs = []
     for cls in ARGUMENT_CLASSES:
         names = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}

@@ -110,11 +110,14 @@ def test_existing_run_is_not_overwritten_and_cli_errors_are_one_line(workspace, 
     assert sorted(os.listdir(trained)) == before
 
 
-def test_bad_row_stops_before_loading_the_model(workspace, tmp_path, capsys):
+def test_bad_row_stops_before_loading_the_model(workspace, tmp_path, capsys, monkeypatch):
+    import ptuning
+
     root, model_dir = workspace
+    monkeypatch.setattr(ptuning, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ""}\n')
-    argv = common(root, "/nonexistent/model", tmp_path / "o") + ["--do_train", "--train_file", str(bad)]
+    argv = common(root, model_dir, tmp_path / "o") + ["--do_train", "--train_file", str(bad)]
     assert main.main(argv) == 2
     err = capsys.readouterr().err
     assert f"{bad}: row 2: field 'response'" in err

@@ -9,7 +9,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, Glm4Config, Glm4ForCausal
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),

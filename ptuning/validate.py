@@ -1,0 +1,170 @@
+"""Every flag, path and config checked before a model is loaded, so a mistake costs seconds, not GPU hours.
+
+Each check raises ``UserError`` with one line: the flag or file, what was expected, what was found.
+Data rows are checked by ``ptuning.data.validate_rows``; this module covers everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import UserError
+from .prefix import CONFIG_NAME, FORMAT_VERSION
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def _at_least(flag: str, value, minimum) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"--{flag}: expected a value >= {minimum}, got {value}")
+
+
+def check_numbers(model_args, prefix_args, data_args, training_args) -> None:
+    _at_least("pre_seq_len", prefix_args.pre_seq_len, 1)
+    _at_least("prefix_hidden_size", prefix_args.prefix_hidden_size, 1)
+    if not 0.0 <= prefix_args.prefix_dropout < 1.0:
+        raise UserError(f"--prefix_dropout: expected a value in [0, 1), got {prefix_args.prefix_dropout}")
+    for flag in ("max_source_length", "max_target_length", "max_new_tokens"):
+        _at_least(flag, getattr(data_args, flag), 1)
+    _at_least("preview_samples", data_args.preview_samples, 0)
+    _at_least("predict_batch_size", training_args.predict_batch_size, 1)
+    if training_args.do_train:
+        if not training_args.learning_rate > 0:
+            raise UserError(f"--learning_rate: expected a positive value, got {training_args.learning_rate}")
+        if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+            raise UserError("--max_steps / --num_train_epochs: one of them must be positive")
+    if training_args.generation_num_beams is not None:
+        _at_least("generation_num_beams", training_args.generation_num_beams, 1)
+
+
+def check_quantization(model_args, training_args) -> None:
+    bits = model_args.quantization_bit
+    if bits is not None and bits not in (4, 8):
+        raise UserError(f"--quantization_bit: expected 4 or 8, got {bits}")
+    if model_args.quant_type not in QUANT_TYPES:
+        raise UserError(f"--quant_type: expected one of {', '.join(QUANT_TYPES)}, got {model_args.quant_type!r}")
+    if model_args.double_quant and bits != 4:
+        raise UserError("--double_quant: only applies to --quantization_bit 4")
+
+
+def check_precision(training_args, cuda_available: bool) -> None:
+    """fp16 on a CPU cannot train; bf16 is the safe choice wherever the hardware has it."""
+    if training_args.fp16 and training_args.bf16:
+        raise UserError("--fp16 and --bf16: choose one")
+    if training_args.fp16 and (training_args.use_cpu or not cuda_available):
+        raise UserError("--fp16: needs a CUDA GPU; on CPU use --bf16 or full precision")
+
+
+def check_deepspeed_batch(training_args, world_size: int) -> None:
+    """A fixed train_batch_size in the DeepSpeed config must agree with the flags (the stage is checked at parse)."""
+    ds = training_args.deepspeed
+    if not ds or isinstance(ds, dict) or not os.path.isfile(ds):
+        return
+    with open(ds, encoding="utf-8") as f:
+        config = json.load(f)
+    expected = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
+    batch = config.get("train_batch_size", "auto") if isinstance(config, dict) else "auto"
+    if batch != "auto" and batch != expected:
+        raise UserError(
+            f"--deepspeed {ds}: train_batch_size is {batch} but per_device_train_batch_size × "
+            f"gradient_accumulation_steps × world size = {expected}; set it to \"auto\""
+        )
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def load_base_config(model_args):
+    """The base model's config alone (no weights), or a one-line reason why it cannot be read."""
+    from transformers import AutoConfig
+
+    name = model_args.model_name_or_path
+    if _looks_local(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise UserError(f"--model_name_or_path {name!r}: no such directory")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"--model_name_or_path {name!r}: no config.json in that directory")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"--model_name_or_path {name!r}: the model ships its own code; pass --trust_remote_code "
+                            "only if you trust its source") from None
+        raise UserError(f"--model_name_or_path {name!r}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise UserError(f"--model_name_or_path {name!r}: cannot load a model config ({str(e).splitlines()[0]})") from None
+
+
+def check_lengths(base_config, prefix_args, data_args) -> None:
+    limit = getattr(base_config, "max_position_embeddings", None) or getattr(base_config, "n_positions", None)
+    need = prefix_args.pre_seq_len + data_args.max_source_length + data_args.max_target_length
+    if limit and prefix_args.position_offset and need > limit:
+        raise UserError(
+            f"--pre_seq_len + --max_source_length + --max_target_length = {need} exceeds the model's "
+            f"max_position_embeddings ({limit})"
+        )
+
+
+def check_checkpoint_dir(path: str, flag: str) -> None:
+    """A prefix directory must be complete and written by a ptuning this version can read."""
+    from .export import PREFIX_WEIGHTS
+    from .prefix import PrefixConfig
+
+    if not os.path.isdir(path):
+        raise UserError(f"--{flag} {path!r}: not a directory")
+    config = PrefixConfig.from_json(os.path.join(path, CONFIG_NAME))
+    if config.format_version > FORMAT_VERSION:
+        raise UserError(f"{os.path.join(path, CONFIG_NAME)}: format_version {config.format_version} is newer than "
+                        f"this ptuning reads ({FORMAT_VERSION}); upgrade ptuning")
+    if not os.path.isfile(os.path.join(path, PREFIX_WEIGHTS)):
+        raise UserError(f"--{flag} {path!r}: {PREFIX_WEIGHTS} is missing; the checkpoint is incomplete")
+
+
+def check_output_writable(training_args) -> None:
+    out = training_args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out!r}: exists and is not a directory")
+    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--output_dir {out!r}: not writable")
+
+
+def check_modes(model_args, data_args, training_args) -> None:
+    if not model_args.model_name_or_path:
+        raise UserError("--model_name_or_path is required (a local directory or hub id)")
+    for mode, flag, path in (("do_train", "train_file", data_args.train_file),
+                             ("do_eval", "validation_file", data_args.validation_file),
+                             ("do_predict", "test_file", data_args.test_file)):
+        if getattr(training_args, mode) and not path:
+            raise UserError(f"--{mode} needs --{flag}")
+
+
+def validate_run(model_args, prefix_args, data_args, training_args, cuda_available: bool = False,
+                 world_size: int = 1):
+    """All checks that need no weights; returns the base config so callers need not read it twice."""
+    check_modes(model_args, data_args, training_args)
+    check_numbers(model_args, prefix_args, data_args, training_args)
+    check_quantization(model_args, training_args)
+    check_precision(training_args, cuda_available)
+    check_deepspeed_batch(training_args, world_size)
+    check_output_writable(training_args)
+    if model_args.ptuning_checkpoint:
+        check_checkpoint_dir(model_args.ptuning_checkpoint, "ptuning_checkpoint")
+    resume = training_args.resume_from_checkpoint
+    if training_args.do_train and resume and resume != "latest":
+        check_checkpoint_dir(resume, "resume_from_checkpoint")
+    base_config = load_base_config(model_args)
+    from .model import check_architecture
+
+    check_architecture(base_config)
+    if model_args.ptuning_checkpoint:
+        from .export import check_fits_base, read_prefix_config
+
+        check_fits_base(read_prefix_config(model_args.ptuning_checkpoint), base_config, model_args.ptuning_checkpoint)
+    check_lengths(base_config, prefix_args, data_args)
+    return base_config
