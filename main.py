@@ -69,7 +69,8 @@ def run(argv=None) -> None:
         if data_args.validation_file:
             eval_set = encode_dataset(validated[data_args.validation_file], data_args.validation_file, tokenizer,
                                       *lengths)
-        before = preview(model, tokenizer, preview_file, columns, data_args, "before training")
+        with model.prefix_disabled():
+            before = preview(model, tokenizer, preview_file, columns, data_args, "before training (base model)")
         run_training(model, tokenizer, train_set, eval_set, training_args)
         preview(model, tokenizer, preview_file, columns, data_args, "after training", before)
     if training_args.do_predict and not no_generation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -175,8 +176,19 @@ class PrefixTunedModel(nn.Module):
         loss = target_loss(out.logits, shifted[:, keep], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits)
 
+    @contextlib.contextmanager
+    def prefix_disabled(self):
+        """``generate()`` runs the bare base model inside, to show what it did before the prefix was trained."""
+        self._prefix_off = True
+        try:
+            yield self
+        finally:
+            self._prefix_off = False
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
+        if getattr(self, "_prefix_off", False):
+            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         gen_cfg = kwargs.get("generation_config") or self.base.generation_config
         beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1)) or 1
         returns = kwargs.get("num_return_sequences", getattr(gen_cfg, "num_return_sequences", 1)) or 1

@@ -22,9 +22,9 @@ TRAIN_FILE=${TRAIN_FILE:-data/demo/train.jsonl}
 TEST_FILE=${TEST_FILE:-data/demo/dev.jsonl}   # empty: no predictions
 OUTPUT_DIR=${OUTPUT_DIR:-output/demo}
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-16}
-LR=${LR:-2e-2}
-MAX_STEPS=${MAX_STEPS:-60}
-BATCH_SIZE=${BATCH_SIZE:-8}           # per process; the global batch is BATCH_SIZE x GRAD_ACCUM x processes
+LR=${LR:-3e-2}
+MAX_STEPS=${MAX_STEPS:-40}
+BATCH_SIZE=${BATCH_SIZE:-4}           # per process; the global batch is BATCH_SIZE x GRAD_ACCUM x processes
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 MAX_SOURCE_LENGTH=${MAX_SOURCE_LENGTH:-128}
 MAX_TARGET_LENGTH=${MAX_TARGET_LENGTH:-32}
@@ -71,7 +71,7 @@ args=(
   --learning_rate "$LR" --max_steps "$MAX_STEPS"
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"
   --max_target_length "$MAX_TARGET_LENGTH"
-  --logging_steps 10 --save_steps "$MAX_STEPS" --save_total_limit 2 --report_to none
+  --logging_steps 5 --save_steps "$MAX_STEPS" --save_total_limit 2 --report_to none
 )
 case "$PRECISION" in
   bf16) args+=(--bf16) ;;
@@ -88,7 +88,7 @@ if [ "$LAUNCHER" != torchrun ] && [ "$LAUNCHER" != deepspeed ]; then
 fi
 if [ "$LAUNCHER" = torchrun ] && [ "$NUM_GPUS" -le 1 ] && [ "$NNODES" -le 1 ] && [ -z "$DS_CONFIG" ]; then
   # One process: train, then predict in the same run (greedy generations before/after training are printed too).
-  [ -n "$TEST_FILE" ] && [ "$PREDICT" != 0 ] && args+=(--do_predict --test_file "$TEST_FILE" --preview_samples 3)
+  [ -n "$TEST_FILE" ] && [ "$PREDICT" != 0 ] && args+=(--do_predict --test_file "$TEST_FILE" --preview_samples 3 --max_new_tokens 24)
   run python main.py "${args[@]}" "$@"
   exit
 fi

@@ -165,3 +165,16 @@ def test_unsupported_architecture_is_named():
 def test_non_positive_pre_seq_len_is_refused():
     with pytest.raises(UserError, match="pre_seq_len"):
         attach_prefix(tiny_model("llama"), 0)
+
+
+def test_prefix_disabled_generates_with_the_bare_base():
+    model = prefixed("llama")
+    ids, mask, _ = batch(left_pad=2)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        with model.prefix_disabled():
+            bare = model.generate(ids, mask, **kw)
+        reference = model.base.generate(input_ids=ids, attention_mask=mask, **kw)
+        prefixed_out = model.generate(ids, mask, **kw)
+    assert torch.equal(bare, reference)
+    assert not torch.equal(prefixed_out, reference)
