@@ -181,7 +181,10 @@ def trainable_state(module: torch.nn.Module) -> dict:
 
 
 def load_trainable_state(module: torch.nn.Module, state: dict) -> None:
-    """Put full values into a module that DeepSpeed may have partitioned: module copies and fp32 master weights."""
+    """Put full values into a module that DeepSpeed may have partitioned: module copies and fp32 master weights.
+
+    Every rank passes the same ``state``; no communication is needed (each rank takes its own partition).
+    """
     import torch
 
     params = dict(module.named_parameters())
@@ -193,12 +196,11 @@ def load_trainable_state(module: torch.nn.Module, state: dict) -> None:
         for name, param in params.items():
             value = state[name].to(torch.float32)
             if zero_managed(param) and param.requires_grad:
-                from deepspeed.utils import safe_set_full_fp32_param
-
-                safe_set_full_fp32_param(param, value.to(_device(param)))
-        with gathered(list(params.values())):  # ZeRO-3: whole tensors in here, re-partitioned on exit
-            for name, param in params.items():
-                param.data.copy_(state[name].to(param.dtype).reshape(param.data.shape))
+                _set_full(param, value)  # the fp32 master copy the optimizer steps
+            if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the module copy
+                param.ds_tensor.data.copy_(_local_partition(param, value))
+            else:
+                param.data.copy_(value.reshape(param.shape))
         for name, buf in module.named_buffers():
             if name in state:
                 buf.copy_(state[name])
@@ -208,19 +210,52 @@ def master_from_module(params: list) -> None:
     """Set ZeRO's fp32 master weights of ``params`` from the module's (possibly low-precision) copies."""
     import torch
 
-    params = [p for p in params if zero_managed(p) and p.requires_grad]
-    if not params:
-        return
-    from deepspeed.utils import safe_set_full_fp32_param
+    for param in params:
+        if not (zero_managed(param) and param.requires_grad):
+            continue
+        if hasattr(param, "ds_id"):  # ZeRO-3: the module copy's partition is this rank's part of the master
+            from deepspeed.utils import safe_set_local_fp32_param
 
-    with gathered(params):
-        values = [p.detach().to(torch.float32).clone() for p in params]
-    for param, value in zip(params, values):
-        safe_set_full_fp32_param(param, value.to(_device(param)))
+            safe_set_local_fp32_param(param, param.ds_tensor.detach().to(torch.float32))
+        else:
+            _set_full(param, param.detach().to(torch.float32))
 
 
-def _device(param):
-    return param.ds_tensor.device if hasattr(param, "ds_tensor") else param.device
+def _local_partition(param, value):
+    """This rank's ZeRO-3 partition of the full ``value`` of ``param`` (zero-padded at the end, as DeepSpeed pads)."""
+    import torch
+
+    size = param.ds_tensor.numel()
+    start = size * torch.distributed.get_rank(group=param.ds_process_group)
+    flat = value.reshape(-1)
+    part = torch.zeros(size, dtype=param.ds_tensor.dtype, device=param.ds_tensor.device)
+    if start < flat.numel():
+        count = min(size, flat.numel() - start)
+        part[:count] = flat[start:start + count]
+    return part
+
+
+def _set_full(param, value, key: str | None = None) -> None:
+    """Set the fp32 master weight (``key`` None) or an optimizer state of ``param`` from its full value.
+
+    ZeRO-3 goes through the local-partition API: DeepSpeed 0.19's full-value setters cut the value without the
+    padding the last rank's partition has, and fail for sizes the world size does not divide."""
+    import torch
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                                 safe_set_local_optimizer_state)
+
+    if hasattr(param, "ds_id"):
+        fp32 = _local_partition(param, value).to(torch.float32)
+        if key is None:
+            safe_set_local_fp32_param(param, fp32)
+        else:
+            safe_set_local_optimizer_state(param, fp32, key)
+    else:
+        value = value.to(torch.float32).to(param.device)
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
 
 
 def _flat_partitions(zero_optimizer) -> list:
@@ -231,11 +266,21 @@ def _flat_partitions(zero_optimizer) -> list:
     return list(flats)
 
 
+def _inner_groups(inner, groups) -> list:
+    """The wrapped torch optimizer's param group for each of ``groups`` (None for an empty one: DeepSpeed drops
+    param groups without parameters, a plain torch optimizer keeps them)."""
+    nonempty = [i for i, g in enumerate(groups) if g]
+    if len(inner.param_groups) != len(nonempty):
+        raise ValueError(f"DeepSpeed's optimizer has {len(inner.param_groups)} param groups, expected {len(nonempty)}")
+    found = dict(zip(nonempty, inner.param_groups))
+    return [found.get(i) for i in range(len(groups))]
+
+
 def zero_optimizer_state_dict(zero_optimizer, groups: list[list[torch.nn.Parameter]]) -> dict:
     """The state dict a plain ``torch.optim`` optimizer over ``groups`` would have, built from a ZeRO optimizer.
 
     ``groups`` are the trainable parameters per param group as the Trainer created them (before DeepSpeed flattened
-    them). A collective: every rank calls it.
+    them and dropped the empty ones). A collective: every rank calls it.
     """
     import torch
     from deepspeed.utils import safe_get_full_optimizer_state
@@ -249,7 +294,8 @@ def zero_optimizer_state_dict(zero_optimizer, groups: list[list[torch.nn.Paramet
     if started:
         _link_state_slices(zero_optimizer)
     state, param_groups, index = {}, [], 0
-    for group, params in zip(inner.param_groups, groups):
+    for group, params in zip(_inner_groups(inner, groups), groups):
+        group = group or inner.param_groups[0]  # an empty group's hyperparameters are never used
         hyper = {k: v for k, v in group.items() if k != "params" and not k.startswith("_ds")}
         ids = list(range(index, index + len(params)))
         param_groups.append({**hyper, "params": ids})
@@ -262,6 +308,31 @@ def zero_optimizer_state_dict(zero_optimizer, groups: list[list[torch.nn.Paramet
             state[i] = entry
         index += len(params)
     return {"state": state, "param_groups": param_groups}
+
+
+def scheduler_state_for_all_groups(state: dict, groups: list) -> dict:
+    """A scheduler's state over DeepSpeed's param groups (the non-empty ones) -> over all of ``groups``, as in a plain
+    torch run. Per-group lists (``base_lrs``, ``_last_lr``, ``lr_lambdas``) get an entry for each empty group."""
+    nonempty = [i for i, g in enumerate(groups) if g]
+    if len(nonempty) == len(groups):
+        return state
+    out = dict(state)
+    for key, value in state.items():
+        if isinstance(value, list) and value and len(value) == len(nonempty):
+            full = [value[0]] * len(groups)
+            for j, i in enumerate(nonempty):
+                full[i] = value[j]
+            out[key] = full
+    return out
+
+
+def scheduler_state_for_deepspeed(state: dict, groups: list) -> dict:
+    """The inverse of :func:`scheduler_state_for_all_groups`: keep the entries of the non-empty groups."""
+    nonempty = [i for i, g in enumerate(groups) if g]
+    if len(nonempty) == len(groups):
+        return state
+    return {k: [v[i] for i in nonempty] if isinstance(v, list) and len(v) == len(groups) else v
+            for k, v in state.items()}
 
 
 def _link_state_slices(zero_optimizer) -> None:
@@ -285,14 +356,14 @@ def _step(inner, flats):
 def load_zero_optimizer_state(zero_optimizer, groups: list[list[torch.nn.Parameter]], saved: dict) -> None:
     """Scatter a plain ``torch.optim`` state dict (see :func:`zero_optimizer_state_dict`) into a ZeRO optimizer."""
     import torch
-    from deepspeed.utils import safe_set_full_optimizer_state
 
     inner = zero_optimizer.optimizer
     sizes = [len(g["params"]) for g in saved["param_groups"]]
     if sizes != [len(g) for g in groups]:
         raise ValueError(f"optimizer state has parameter groups of sizes {sizes}, this run {[len(g) for g in groups]}")
-    for group, saved_group in zip(inner.param_groups, saved["param_groups"]):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for group, saved_group in zip(_inner_groups(inner, groups), saved["param_groups"]):
+        if group is not None:
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
     entries = [saved["state"].get(i) for g in saved["param_groups"] for i in g["params"]]
     present = [e for e in entries if e]
     if not present:
@@ -312,4 +383,4 @@ def load_zero_optimizer_state(zero_optimizer, groups: list[list[torch.nn.Paramet
         if not entry:
             continue
         for key in keys:
-            safe_set_full_optimizer_state(param, entry[key].to(torch.float32).to(_device(param)), key)
+            _set_full(param, entry[key], key)

@@ -92,7 +92,10 @@ class PrefixTrainer(Seq2SeqTrainer):
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            # per param group, empty groups included (DeepSpeed drops them): the layout of a plain torch run
+            scheduler = self.lr_scheduler.state_dict()
+            scheduler = distributed.scheduler_state_for_all_groups(scheduler, self.trainable_groups)
+            torch.save(scheduler, os.path.join(output_dir, SCHEDULER_NAME))
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not self.is_deepspeed_enabled or resume_from_checkpoint is None:
@@ -110,7 +113,9 @@ class PrefixTrainer(Seq2SeqTrainer):
             distributed.load_zero_optimizer_state(self.model_wrapped.optimizer, self.trainable_groups, saved)
         scheduler_file = os.path.join(resume_from_checkpoint, SCHEDULER_NAME)
         if os.path.isfile(scheduler_file):
-            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+            scheduler = torch.load(scheduler_file, weights_only=True)
+            scheduler = distributed.scheduler_state_for_deepspeed(scheduler, self.trainable_groups)
+            self.lr_scheduler.load_state_dict(scheduler)
         return model, train_dataloader
 
     def _load_rng_state(self, checkpoint: str | None) -> None:

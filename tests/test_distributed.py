@@ -60,9 +60,16 @@ def launch(name, out, cmd, environ=None, timeout=LAUNCH_TIMEOUT) -> Launch:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def extensions(tmp_path_factory):
+    """DeepSpeed's JIT-compiled ops would land here (a fresh dir: a compile from an earlier run cannot hide)."""
+    return tmp_path_factory.mktemp("torch_extensions")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, extensions):
     root = tmp_path_factory.mktemp("dist")
     model = save_tiny_checkpoint(root / "model")
+    base_env = env(TORCH_EXTENSIONS_DIR=str(extensions))
     with open(root / "train.jsonl", "w") as f:
         for p in PROMPTS:
             f.write(json.dumps({"prompt": p, "response": f"OK: {p}"}) + "\n")
@@ -92,7 +99,8 @@ def runs(tmp_path_factory):
             out.mkdir()
             shutil.copytree(resume_from.out / f"checkpoint-{SAVE_AT}", out / f"checkpoint-{SAVE_AT}")
             args += ("--resume_from_checkpoint", str(out / f"checkpoint-{SAVE_AT}"))
-        return launch(name, out, [sys.executable, "main.py", *train, *extra, *one, "--output_dir", str(out), *args])
+        return launch(name, out, [sys.executable, "main.py", *train, *extra, *one, "--output_dir", str(out), *args],
+                      base_env)
 
     def torchrun(name, *args, resume_from=None):
         out = root / name
@@ -102,7 +110,7 @@ def runs(tmp_path_factory):
             args += ("--resume_from_checkpoint", str(out / f"checkpoint-{SAVE_AT}"))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "main.py", *train, *extra, *two, "--output_dir", str(out), *args]
-        return launch(name, out, cmd)
+        return launch(name, out, cmd, base_env)
 
     def train_sh(name, **variables):
         out = root / name
@@ -110,7 +118,7 @@ def runs(tmp_path_factory):
                       OUTPUT_DIR=str(out), PRE_SEQ_LEN="4", LR="1e-2", MAX_STEPS=str(STEPS), BATCH_SIZE="2",
                       GRAD_ACCUM="1", MAX_SOURCE_LENGTH="64", MAX_TARGET_LENGTH="32", PRECISION="fp32",
                       NUM_GPUS="2", MASTER_PORT=str(free_port()), **variables)
-        return launch(name, out, ["bash", "scripts/train.sh", *extra, "--max_new_tokens", "4"], env(**values))
+        return launch(name, out, ["bash", "scripts/train.sh", *extra, "--max_new_tokens", "4"], {**base_env, **values})
 
     started = time.perf_counter()
     r = {}
@@ -177,7 +185,13 @@ def test_logged_once_and_clean_exit(runs, name):
     assert run.log.count("trainable params:") == 1
     assert run.log.count("***** train metrics *****") == 1
     assert "SIGABRT" not in run.log and "terminate called" not in run.log
-    assert "built successfully" not in run.log  # no JIT-compiled DeepSpeed op on CPU
+    assert "built successfully" not in run.log
+
+
+def test_no_deepspeed_op_is_compiled(runs, extensions):
+    """On CPU DeepSpeed would JIT-compile a shared-memory comm op and, under offload, its CPU Adam (a minute each)."""
+    assert all(run.returncode == 0 for run in runs.values())
+    assert not list(extensions.iterdir())
 
 
 def test_zero_optimizer_state_is_saved_whole_like_a_single_process(runs):
@@ -285,10 +299,129 @@ def test_every_ds_config_parses_fills_its_autos_and_is_accepted_by_deepspeed():
     assert {"ds_configs/zero2.json", "ds_configs/zero3.json", "ds_configs/zero3_offload.json"} <= set(paths)
     for p in paths:
         json.load(open(os.path.join(ROOT, p)))
-    offload = json.load(open(os.path.join(ROOT, "ds_configs", "zero3_offload.json")))["zero_optimization"]
-    assert offload["offload_optimizer"]["device"] == offload["offload_param"]["device"] == "cpu"
+    offload = json.load(open(os.path.join(ROOT, "ds_configs", "zero3_offload.json")))
+    zero = offload["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    # keep the Trainer's torch AdamW on the offloaded prefix: accelerate would swap in DeepSpeedCPUAdam, a JIT-built
+    # op (minutes on a fresh machine, a compiler needed) for a few megabytes of trainable state
+    assert offload["zero_force_ds_cpu_optimizer"] is False
     # In a child: TrainingArguments(deepspeed=...) switches transformers into ZeRO-3 loading for the whole process.
     proc = subprocess.run([sys.executable, "-c", CONFIG_CHECK, *paths], capture_output=True, text=True, cwd=ROOT,
                           env=env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(" ok") == len(paths)
+
+
+ZERO_STATE_CHECK = r"""
+import sys
+import torch
+import deepspeed
+
+sys.path.insert(0, ".")
+from ptuning import distributed as D
+
+D.prepare(["--deepspeed", "unused", "--use_cpu"])  # CPU: no JIT op, DeepSpeed's comm up
+rank = torch.distributed.get_rank()
+
+
+def model_and_groups(layout):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    weights, biases = [m[0].weight, m[2].weight], [m[0].bias, m[2].bias]
+    # "two": two non-empty groups (the prefix projection); "empty": the second group empty (no projection)
+    return m, ([weights, biases] if layout == "two" else [weights + biases, []])
+
+
+def optimizer(groups):
+    return torch.optim.AdamW([{"params": g, "weight_decay": 0.1 - 0.1 * i} for i, g in enumerate(groups)], lr=0.05)
+
+
+def loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+g = torch.Generator().manual_seed(1)
+data = [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(4)]  # same on every rank
+
+
+def close(got, want, what):
+    assert got.keys() == want.keys(), (what, got.keys(), want.keys())
+    for k in want:
+        assert torch.allclose(got[k].float(), want[k].float(), rtol=1e-5, atol=1e-7), (what, k, got[k], want[k])
+
+
+for stage, offload in ((2, False), (3, False), (3, True)):
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
+    if offload:
+        zero.update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True, "zero_optimization": zero,
+              "gradient_clipping": 0.0,  # the torch reference does not clip
+              "zero_force_ds_cpu_optimizer": False}  # keep torch's AdamW under offload, as ds_configs/ do
+    for layout in ("two", "empty"):
+        what = f"stage {stage} offload {offload} {layout}"
+        ref, ref_groups = model_and_groups(layout)
+        ref_opt = optimizer(ref_groups)
+        for x, y in data[:2]:
+            ref_opt.zero_grad()
+            loss(ref, x, y).backward()
+            ref_opt.step()
+        # a fresh engine resumes from the plain torch state (weights, Adam moments, step) ...
+        model, groups = model_and_groups(layout)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(groups), config=config)
+        D.load_trainable_state(model, ref.state_dict())
+        D.load_zero_optimizer_state(engine.optimizer, groups, ref_opt.state_dict())
+        # ... follows the torch run step for step on 2 ranks ...
+        for x, y in data[2:]:
+            ref_opt.zero_grad()
+            loss(ref, x, y).backward()
+            ref_opt.step()
+            engine.backward(loss(engine, x, y))
+            engine.step()
+        close(D.trainable_state(model), ref.state_dict(), what)
+        # ... and its gathered state is the plain torch state, in the plain torch layout
+        saved, want = D.zero_optimizer_state_dict(engine.optimizer, groups), ref_opt.state_dict()
+        assert [g["params"] for g in saved["param_groups"]] == [g["params"] for g in want["param_groups"]], what
+        assert saved["param_groups"][0]["weight_decay"] == 0.1, what
+        assert saved["state"].keys() == want["state"].keys(), what
+        for i in want["state"]:
+            close(saved["state"][i], want["state"][i], what)
+        engine.destroy()
+        if rank == 0:
+            print(what, "ok", flush=True)
+D.shutdown()
+"""
+
+
+def test_zero_state_round_trips_through_the_plain_torch_layout(tmp_path, extensions):
+    """ZeRO-2/3/offload on 2 ranks, with two param groups or an empty one (DeepSpeed drops it, torch keeps it)."""
+    script = tmp_path / "zero_state_check.py"
+    script.write_text(ZERO_STATE_CHECK)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, cwd=ROOT,
+                          env=env(TORCH_EXTENSIONS_DIR=str(extensions)), timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count(" ok") == 6, proc.stdout
+    assert not list(extensions.iterdir())
+
+
+def test_scheduler_state_layout_matches_a_plain_torch_run():
+    import functools
+
+    from ptuning.distributed import scheduler_state_for_all_groups, scheduler_state_for_deepspeed
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    groups = [[p], []]
+    lam = functools.partial(lambda step, total: 1 - step / total, total=10)
+    plain = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW([{"params": [p]}, {"params": []}], lr=0.1),
+                                              [lam, lam])
+    ds = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW([p], lr=0.1), lam)  # DeepSpeed dropped the empty group
+    for _ in range(3):
+        plain.optimizer.step()
+        plain.step()
+        ds.optimizer.step()
+        ds.step()
+    assert scheduler_state_for_all_groups(ds.state_dict(), groups) == plain.state_dict()
+    fresh = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW([p], lr=0.1), lam)
+    fresh.load_state_dict(scheduler_state_for_deepspeed(plain.state_dict(), groups))
+    assert fresh.state_dict() == ds.state_dict()
+    assert scheduler_state_for_deepspeed(ds.state_dict(), [[p]]) == ds.state_dict()  # nothing to do
