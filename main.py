@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     finally:
         distributed.shutdown()
     return 0

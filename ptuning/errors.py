@@ -3,3 +3,5 @@
 
 class UserError(ValueError):
     """A problem with the user's input (file, row, flag, checkpoint), reported as a single line."""
+
+    exit_code = 2
