@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -99,6 +100,11 @@ class PtuningTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
     )
     predict_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate() call."})
+    skip_nonfinite_steps: bool = field(
+        default=False,
+        metadata={"help": "On a NaN/inf loss or gradient norm skip that update (at most 10 in a row) instead of "
+                          "stopping the run. Not with --deepspeed, which applies the update inside backward."},
+    )
     report_to: None | str | list[str] = field(
         default="auto",
         metadata={"help": "Integrations to log to; auto = tensorboard when it is installed, else none."},
@@ -109,6 +115,9 @@ class PtuningTrainingArguments(Seq2SeqTrainingArguments):
             from transformers.integrations import is_tensorboard_available
 
             self.report_to = "tensorboard" if is_tensorboard_available() else "none"
+        if self.skip_nonfinite_steps and self.deepspeed:
+            raise ValueError("--skip_nonfinite_steps: not available with --deepspeed, which applies the update inside "
+                             "backward (its fp16 loss scaler skips overflowing steps by itself)")
         super().__post_init__()
 
 
@@ -128,20 +137,59 @@ def _read_config_file(path: str) -> dict:
     return data
 
 
+def _raise_parse_error(message: str):
+    """argparse would print its whole usage text and exit; one line naming the flag is enough."""
+    raise UserError(re.sub(r"^argument (--[\w-]+)(/-[\w-]+)*: ", r"\1: ", message))
+
+
+def _expected(action) -> str | None:
+    """What a flag's value must look like, in words; None when any string will do."""
+    if action.choices:
+        return "one of " + ", ".join(map(str, action.choices))
+    names = {int: "an integer", float: "a number"}
+    if action.type in names:
+        return names[action.type]
+    if getattr(action.type, "__name__", "") == "string_to_bool":
+        return "true or false"
+    return None
+
+
+def _check_file_values(path: str, file_args: dict, actions: dict) -> None:
+    """A config file's values get the checks argparse gives flags (it converts string defaults, nothing else)."""
+    for key, value in file_args.items():
+        action = actions[key]
+        expected = _expected(action)
+        if value is None or expected is None:
+            continue
+        many = action.nargs in ("+", "*") and isinstance(value, list)
+        for item in value if many else [value]:
+            try:
+                if isinstance(item, (list, dict)):
+                    raise ValueError
+                converted = action.type(item if isinstance(item, str) else str(item))
+                if action.choices and converted not in action.choices:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise UserError(f"--config {path!r}: {key}: expected {expected}, got {value!r}") from None
+
+
 def parse_namespace(argv: list[str] | None = None, classes=ARGUMENT_CLASSES):
     """The raw flag values of ``classes``; ``--config file.yaml|json`` supplies defaults that explicit flags override."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(classes)
+    parser.error = _raise_parse_error
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise UserError("--config: expected a file path")
-        file_args = _read_config_file(argv[i + 1])
+        path = argv[i + 1]
+        file_args = _read_config_file(path)
         del argv[i : i + 2]
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(file_args) - known)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(file_args) - set(actions))
         if unknown:
-            raise UserError(f"config file: unknown keys {unknown}")
+            raise UserError(f"--config {path!r}: unknown keys {unknown}")
+        _check_file_values(path, file_args, actions)
         parser.set_defaults(**file_args)
     namespace, rest = parser.parse_known_args(argv)
     if rest:

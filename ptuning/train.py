@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import shutil
 import types
 
 import torch
 from transformers import Seq2SeqTrainer
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
 from . import distributed
 from .data import Collator
@@ -24,6 +27,59 @@ logger = logging.getLogger(__name__)
 
 _gathered = distributed.gathered  # kept for callers of the old name
 
+STAGING_SUFFIX = ".partial"
+JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoint marks a save in progress with it
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm: the run stops instead of training on garbage."""
+
+    exit_code = 3
+
+
+class Preempted(UserError):
+    """SIGTERM arrived: a checkpoint was saved and the run stopped early (exit status 128 + SIGTERM)."""
+
+    exit_code = 143
+
+
+def staging_dir(final: str) -> str:
+    """The hidden sibling a checkpoint is written into; ``checkpoint-*`` globs and ``latest`` never see it."""
+    head, name = os.path.split(final)
+    return os.path.join(head, f".{name}{STAGING_SUFFIX}")
+
+
+def _fsync_tree(path: str) -> None:
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def commit_checkpoint(staging: str, final: str) -> None:
+    """Rename a fully written checkpoint into place; an older copy of the same step is swapped out, not merged."""
+    _fsync_tree(staging)
+    if os.path.exists(final):
+        old = staging_dir(final) + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def remove_partial_checkpoints(output_dir: str) -> None:
+    """Staging directories left by a run killed mid-save: never complete, never resumed from."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and STAGING_SUFFIX in name:
+            logger.warning("removing %s, left by a save that was interrupted", os.path.join(output_dir, name))
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
 
 class PrefixTrainer(Seq2SeqTrainer):
     """Checkpoints hold prefix weights + optimizer/scheduler/RNG state: megabytes, never the base model.
@@ -35,6 +91,22 @@ class PrefixTrainer(Seq2SeqTrainer):
     all resumes from it.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.preempted_at: int | None = None
+        self._nonfinite_loss: float | None = None
+        self._skipped_in_a_row = 0
+        for callback in self.callback_handler.callbacks:
+            manager = getattr(callback, "jit_manager", None)  # --enable_jit_checkpoint: SIGTERM → save → stop
+            if manager is not None:
+                save = manager.execute_jit_checkpoint
+
+                def execute_and_remember(save=save):
+                    self.preempted_at = self.state.global_step
+                    save()
+
+                manager.execute_jit_checkpoint = execute_and_remember
+
     @property
     def prefix_model(self) -> PrefixTunedModel:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -45,7 +117,14 @@ class PrefixTrainer(Seq2SeqTrainer):
                             for only in (True, False))  # ds_numel: the full size of a ZeRO-3 partitioned weight
         logger.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
                     100 * trainable / total)
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        except UserError:
+            for callback in self.callback_handler.callbacks:  # end the progress bar so the error gets its own line
+                if getattr(callback, "training_bar", None) is not None:
+                    callback.training_bar.close()
+                    callback.training_bar = None
+            raise
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Every rank calls this (ZeRO gathers are collectives); the main process alone writes the prefix."""
@@ -54,6 +133,94 @@ class PrefixTrainer(Seq2SeqTrainer):
         state = {f"prefix_encoder.{k}": v for k, v in distributed.trainable_state(model.prefix_encoder).items()}
         if self.args.should_save:
             save_prefix(model, output_dir, state_dict=state)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a hidden sibling directory and renamed into place once complete:
+        a run killed mid-save leaves the previous checkpoint as the newest one and nothing that looks complete."""
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = staging_dir(final)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.store_flos()
+        self.save_model(staging, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)  # every rank writes its own file
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and \
+                self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if best == final or os.path.exists(best):
+                self.state.best_model_checkpoint = best
+        if self.args.should_save:
+            for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
+                name, cb_state = cb.__class__.__name__, cb.state()
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(cb_state)
+                else:
+                    self.state.stateful_callbacks[name] = cb_state
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            commit_checkpoint(staging, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.local_process_index == 0 and os.path.isdir(staging):  # another node, without shared storage
+            commit_checkpoint(staging, final)
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    # ---- divergence guard: a non-finite loss or gradient norm stops the run (or skips the update, by flag)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._nonfinite_loss is None and not torch.isfinite(loss).all():
+            self._nonfinite_loss = loss.detach().float().sum().item()
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._check_finite(grad_norm)
+        return grad_norm
+
+    def _check_finite(self, grad_norm) -> None:
+        """Called once per optimizer step, on every rank, between backward and the update."""
+        loss, self._nonfinite_loss = self._nonfinite_loss, None
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        scaler = getattr(self.accelerator, "scaler", None)
+        norm_bad = not math.isfinite(norm) and scaler is None  # fp16's loss scaler skips overflowing steps itself
+        bad = loss is not None or norm_bad
+        if self.args.world_size > 1:  # one rank's NaN must stop every rank, or the others hang in a collective
+            flag = torch.tensor([float(bad)], device=self.args.device)
+            bad = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        if not bad:
+            self._skipped_in_a_row = 0
+            return
+        step = self.state.global_step + 1
+        what = f"the loss is {loss}" if loss is not None else f"the gradient norm is {norm}"
+        if not norm_bad and loss is None:
+            what = "the loss is not finite on another rank"
+        if self.args.skip_nonfinite_steps and not self.is_deepspeed_enabled and \
+                self._skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
+            self._skipped_in_a_row += 1
+            self.optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the step
+            logger.warning("step %d: %s; update skipped (%d in a row)", step, what, self._skipped_in_a_row)
+            return
+        last = latest_checkpoint(self._get_output_dir(trial=None))
+        kept = f"{last} is the last good checkpoint" if last else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"step {step}: {what}; training stopped and {kept}. {self._divergence_advice()}")
+
+    def _divergence_advice(self) -> str:
+        lr = f"--learning_rate (now {self.args.learning_rate:g})"
+        if self.args.fp16:
+            return f"fp16 overflows easily: use --bf16 if the hardware has it, or lower {lr}"
+        if self._skipped_in_a_row:
+            return f"{self._skipped_in_a_row} updates in a row were skipped; lower {lr} or check the data"
+        return f"Lower {lr}, set --max_grad_norm, or check the data for empty targets"
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model or self.prefix_model
@@ -163,7 +330,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
         int(m.group(1))
         for name in os.listdir(output_dir)
         if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
-        and all(os.path.isfile(os.path.join(output_dir, name, f)) for f in (CONFIG_NAME, "trainer_state.json"))
+        and all(os.path.isfile(os.path.join(output_dir, name, f)) for f in (CONFIG_NAME, TRAINER_STATE_NAME))
+        and not os.path.exists(os.path.join(output_dir, name, JIT_SENTINEL))
     ]
     return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
 
@@ -179,12 +347,18 @@ def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) 
         eval_dataset=eval_set,
         data_collator=Collator(pad_token_id=tokenizer.pad_token_id, padding_side="right"),
     )
+    if args.should_save:
+        remove_partial_checkpoints(args.output_dir)
     resume = args.resume_from_checkpoint
     if resume == "latest":
         resume = latest_checkpoint(args.output_dir)
         if resume is None:
             raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir!r}")
     result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.preempted_at is not None:
+        trainer.accelerator.wait_for_everyone()
+        raise Preempted(f"SIGTERM: saved {PREFIX_CHECKPOINT_DIR}-{trainer.preempted_at} in {args.output_dir} and "
+                        "stopped; continue with --resume_from_checkpoint latest")
     trainer.save_model(args.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
