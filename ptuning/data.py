@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -109,11 +110,26 @@ def _require_object(row, where: str) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars or log lines from `datasets` while reading: a failure is reported once, as our own line."""
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.utils.enable_progress_bars()
+
+
 def _read_table(path: str, kind: str) -> list[dict]:
     """Parse csv/parquet with `datasets` in a throwaway cache, so an edited file is never served stale."""
     if kind == "csv" and len([line for line in _read_text(path).splitlines() if line.strip()]) < 2:
         raise UserError(f"{path}: no rows (only a header line)")
-    with tempfile.TemporaryDirectory() as cache_dir:
+    with tempfile.TemporaryDirectory() as cache_dir, _quiet_datasets():
         try:
             dataset = datasets.load_dataset(kind, data_files=path, split="train", cache_dir=cache_dir)
         except Exception as e:
@@ -124,7 +140,8 @@ def _read_table(path: str, kind: str) -> list[dict]:
 def _read_saved_dataset(path: str) -> list[dict]:
     """Read a save_to_disk directory; a DatasetDict must make clear which split is meant."""
     try:
-        dataset = datasets.load_from_disk(path)
+        with _quiet_datasets():
+            dataset = datasets.load_from_disk(path)
     except Exception as e:
         raise UserError(f"{path}: not a dataset saved with save_to_disk ({_first_line(e)})") from None
     if isinstance(dataset, datasets.DatasetDict):
