@@ -413,18 +413,23 @@ def zero_stage(deepspeed) -> int:
                     config = json.load(f)
             except json.JSONDecodeError as e:
                 raise UserError(f"--deepspeed {deepspeed!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            except UnicodeDecodeError:
+                raise UserError(f"--deepspeed {deepspeed!r}: not valid UTF-8; save the file as UTF-8") from None
         else:
             try:
                 config = json.loads(deepspeed)
             except json.JSONDecodeError:
                 raise UserError(f"--deepspeed {deepspeed!r}: no such file, and not a JSON object") from None
+    where = f" {deepspeed!r}" if isinstance(deepspeed, str) and os.path.isfile(deepspeed) else ""
     if not isinstance(config, dict):
-        raise UserError(f"--deepspeed: expected a JSON object, got {type(config).__name__}")
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    try:
-        return int(stage)
-    except (TypeError, ValueError):
-        raise UserError(f"--deepspeed: zero_optimization.stage must be 0-3, got {stage!r}") from None
+        raise UserError(f"--deepspeed{where}: expected a JSON object, got {type(config).__name__}")
+    zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise UserError(f"--deepspeed{where}: zero_optimization must be a JSON object, got {type(zero).__name__}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3, "0", "1", "2", "3"):
+        raise UserError(f"--deepspeed{where}: zero_optimization.stage must be 0-3, got {stage!r}")
+    return int(stage)
 
 
 def check_quantization_zero(quantization_bit, stage: int, source=None) -> None:
