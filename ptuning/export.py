@@ -60,10 +60,50 @@ def save_prefix(model: PrefixTunedModel, out_dir: str, state_dict: dict | None =
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_prefix_config(ckpt_dir: str) -> PrefixConfig:
+# prefix_config.json fields and the values they must hold (a hand-edited config is refused before it is used)
+_POSITIVE = ("pre_seq_len", "num_layers", "num_kv_heads", "head_dim", "hidden_size", "prefix_hidden_size",
+             "format_version")
+
+
+def read_prefix_config(ckpt_dir: str, flag: str = "ptuning_checkpoint") -> PrefixConfig:
     if not os.path.isdir(ckpt_dir):
-        raise UserError(f"--ptuning_checkpoint {ckpt_dir!r}: not a directory")
-    return PrefixConfig.from_json(os.path.join(ckpt_dir, CONFIG_NAME))
+        raise UserError(f"--{flag} {ckpt_dir!r}: not a directory")
+    path = os.path.join(ckpt_dir, CONFIG_NAME)
+    config = PrefixConfig.from_json(path)
+    for key in (*_POSITIVE, "vocab_size"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key in _POSITIVE else 0):
+            kind = "a positive integer" if key in _POSITIVE else "an integer >= 0"
+            raise UserError(f"{path}: {key}: expected {kind}, got {value!r}")
+    for key in ("prefix_projection", "position_offset"):
+        if not isinstance(getattr(config, key), bool):
+            raise UserError(f"{path}: {key}: expected true or false, got {getattr(config, key)!r}")
+    dropout = config.prefix_dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{path}: prefix_dropout: expected a number in [0, 1), got {dropout!r}")
+    return config
+
+
+def check_prefix_weights(ckpt_dir: str, config: PrefixConfig) -> None:
+    """The weights file is complete and holds a prefix of the configured shape, read from its header alone."""
+    from safetensors import safe_open
+
+    path = os.path.join(ckpt_dir, PREFIX_WEIGHTS)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        with safe_open(path, framework="pt") as f:
+            if PREFIX_KEY not in f.keys():
+                raise UserError(f"{path}: no tensor named {PREFIX_KEY!r}")
+            shape = tuple(f.get_slice(PREFIX_KEY).get_shape())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    if shape != (config.pre_seq_len, config.prefix_width):
+        raise UserError(f"{path}: prefix has shape {shape}, config says ({config.pre_seq_len}, {config.prefix_width})")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def _load_tensors(path: str) -> dict:
@@ -72,7 +112,7 @@ def _load_tensors(path: str) -> dict:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
 
 def check_fits_base(config: PrefixConfig, base_config, ckpt_dir: str) -> None:

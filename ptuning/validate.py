@@ -28,7 +28,9 @@ def check_numbers(model_args, prefix_args, data_args, training_args) -> None:
     for flag in ("max_source_length", "max_target_length", "max_new_tokens"):
         _at_least(flag, getattr(data_args, flag), 1)
     _at_least("preview_samples", data_args.preview_samples, 0)
-    _at_least("predict_batch_size", training_args.predict_batch_size, 1)
+    for flag in ("predict_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps"):
+        _at_least(flag, getattr(training_args, flag), 1)
     if training_args.do_train:
         if not training_args.learning_rate > 0:
             raise UserError(f"--learning_rate: expected a positive value, got {training_args.learning_rate}")
@@ -48,6 +50,13 @@ def check_quantization(model_args, training_args) -> None:
         raise UserError("--double_quant: only applies to --quantization_bit 4")
 
 
+def check_dtype(model_args) -> None:
+    from .model import DTYPES
+
+    if model_args.torch_dtype not in DTYPES:
+        raise UserError(f"--torch_dtype: expected one of {', '.join(DTYPES)}, got {model_args.torch_dtype!r}")
+
+
 def check_precision(training_args, cuda_available: bool) -> None:
     """fp16 on a CPU cannot train; bf16 is the safe choice wherever the hardware has it."""
     if training_args.fp16 and training_args.bf16:
@@ -63,8 +72,16 @@ def check_deepspeed_batch(training_args, world_size: int) -> None:
         return
     with open(ds, encoding="utf-8") as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        return
+    for key, flag in (("train_micro_batch_size_per_gpu", "per_device_train_batch_size"),
+                      ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+        value = config.get(key, "auto")
+        if value != "auto" and value != getattr(training_args, flag):
+            raise UserError(f"--deepspeed {ds}: {key} is {value!r} but --{flag} is {getattr(training_args, flag)}; "
+                            "set it to \"auto\"")
     expected = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
-    batch = config.get("train_batch_size", "auto") if isinstance(config, dict) else "auto"
+    batch = config.get("train_batch_size", "auto")
     if batch != "auto" and batch != expected:
         raise UserError(
             f"--deepspeed {ds}: train_batch_size is {batch} but per_device_train_batch_size × "
@@ -108,19 +125,51 @@ def check_lengths(base_config, prefix_args, data_args) -> None:
         )
 
 
-def check_checkpoint_dir(path: str, flag: str) -> None:
-    """A prefix directory must be complete and written by a ptuning this version can read."""
-    from .export import PREFIX_WEIGHTS
-    from .prefix import PrefixConfig
+def check_checkpoint_dir(path: str, flag: str):
+    """A prefix directory must be complete and written by a ptuning this version can read; returns its config."""
+    from .export import PREFIX_WEIGHTS, check_prefix_weights, read_prefix_config
 
     if not os.path.isdir(path):
         raise UserError(f"--{flag} {path!r}: not a directory")
-    config = PrefixConfig.from_json(os.path.join(path, CONFIG_NAME))
+    config = read_prefix_config(path, flag)
     if config.format_version > FORMAT_VERSION:
         raise UserError(f"{os.path.join(path, CONFIG_NAME)}: format_version {config.format_version} is newer than "
                         f"this ptuning reads ({FORMAT_VERSION}); upgrade ptuning")
     if not os.path.isfile(os.path.join(path, PREFIX_WEIGHTS)):
         raise UserError(f"--{flag} {path!r}: {PREFIX_WEIGHTS} is missing; the checkpoint is incomplete")
+    check_prefix_weights(path, config)
+    return config
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint a training run will resume from (``latest`` resolved), refused now if there is none."""
+    resume = training_args.resume_from_checkpoint
+    if not (training_args.do_train and resume):
+        return None
+    if resume == "latest":
+        from .train import latest_checkpoint
+
+        found = latest_checkpoint(training_args.output_dir)
+        if found is None:
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {training_args.output_dir!r}")
+        return found
+    return resume
+
+
+def check_resume_fits(resume: str, config, prefix_args, start) -> None:
+    """The prefix being trained (fresh from the flags, or ``start``, the --ptuning_checkpoint config) must have the
+    shape of the one saved in the checkpoint it resumes."""
+    if start is not None:
+        run = (start.pre_seq_len, start.prefix_projection, start.prefix_hidden_size)
+    else:
+        run = (prefix_args.pre_seq_len, prefix_args.prefix_projection, prefix_args.prefix_hidden_size)
+    saved = (config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size)
+    if not saved[1] or not run[1]:
+        run, saved = run[:2], saved[:2]
+    if run != saved:
+        names = ("pre_seq_len", "prefix_projection", "prefix_hidden_size")
+        show = lambda values: ", ".join(f"{n}={v}" for n, v in zip(names, values))  # noqa: E731
+        raise UserError(f"{os.path.join(resume, CONFIG_NAME)}: {show(saved)} but this run uses {show(run)}")
 
 
 def check_output_writable(training_args) -> None:
@@ -150,21 +199,39 @@ def validate_run(model_args, prefix_args, data_args, training_args, cuda_availab
     check_modes(model_args, data_args, training_args)
     check_numbers(model_args, prefix_args, data_args, training_args)
     check_quantization(model_args, training_args)
+    check_dtype(model_args)
     check_precision(training_args, cuda_available)
     check_deepspeed_batch(training_args, world_size)
     check_output_writable(training_args)
+    start = None
     if model_args.ptuning_checkpoint:
-        check_checkpoint_dir(model_args.ptuning_checkpoint, "ptuning_checkpoint")
-    resume = training_args.resume_from_checkpoint
-    if training_args.do_train and resume and resume != "latest":
-        check_checkpoint_dir(resume, "resume_from_checkpoint")
+        start = check_checkpoint_dir(model_args.ptuning_checkpoint, "ptuning_checkpoint")
+    resume = resume_checkpoint(training_args)
+    saved = check_checkpoint_dir(resume, "resume_from_checkpoint") if resume else None
+    if saved is not None:
+        check_resume_fits(resume, saved, prefix_args, start)
     base_config = load_base_config(model_args)
+    from .export import check_fits_base
     from .model import check_architecture
 
     check_architecture(base_config)
-    if model_args.ptuning_checkpoint:
-        from .export import check_fits_base, read_prefix_config
-
-        check_fits_base(read_prefix_config(model_args.ptuning_checkpoint), base_config, model_args.ptuning_checkpoint)
+    for path, config in ((model_args.ptuning_checkpoint, start), (resume, saved)):
+        if config is not None:
+            check_fits_base(config, base_config, path)
     check_lengths(base_config, prefix_args, data_args)
+    return base_config
+
+
+def validate_inference(model_args, training_args):
+    """evaluate / chat: flags, the prefix directory and its fit to the base, all before any weights load."""
+    check_quantization(model_args, training_args)
+    check_dtype(model_args)
+    _at_least("predict_batch_size", training_args.predict_batch_size, 1)
+    config = check_checkpoint_dir(model_args.ptuning_checkpoint, "ptuning_checkpoint")
+    base_config = load_base_config(model_args)
+    from .export import check_fits_base
+    from .model import check_architecture
+
+    check_architecture(base_config)
+    check_fits_base(config, base_config, model_args.ptuning_checkpoint)
     return base_config
