@@ -162,6 +162,7 @@ def run_chat(argv: list[str], input_stream=None, output=None) -> list:
     import ptuning
 
     from .args import parse_args
+    from .validate import validate_inference
 
     model_args, _, data_args, training_args = parse_args(argv)
     if not model_args.model_name_or_path:
@@ -170,6 +171,7 @@ def run_chat(argv: list[str], input_stream=None, output=None) -> list:
         raise UserError("chat: --ptuning_checkpoint is required (the prefix to chat with)")
     if (training_args.generation_num_beams or 1) > 1:
         raise UserError("chat: streaming works with one beam; drop --generation_num_beams")
+    validate_inference(model_args, training_args)  # before any weights are loaded
     model, tokenizer = ptuning.load(model_args.model_name_or_path, model_args.ptuning_checkpoint,
                                     torch_dtype=model_args.torch_dtype,
                                     trust_remote_code=model_args.trust_remote_code,
