@@ -214,8 +214,13 @@ def import_peft(adapter_dir: str, out_dir: str, model_config: str | None = None)
     config_path = os.path.join(adapter_dir, PEFT_CONFIG)
     if not os.path.isfile(config_path):
         raise UserError(f"{adapter_dir}: no {PEFT_CONFIG}; not a PEFT adapter directory")
-    with open(config_path, encoding="utf-8") as f:
-        adapter = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            adapter = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(adapter, dict):
+        raise UserError(f"{config_path}: expected a JSON object, got {type(adapter).__name__}")
     if adapter.get("peft_type") != "PREFIX_TUNING":
         raise UserError(f"{config_path}: peft_type is {adapter.get('peft_type')!r}, expected 'PREFIX_TUNING'")
     if (adapter.get("num_transformer_submodules") or 1) != 1:
@@ -268,12 +273,11 @@ def run_convert(argv: list[str]) -> str:
     parser.add_argument("--model_name_or_path", default=None,
                         help="model directory (or config.json) giving the geometry; ChatGLM: default is the "
                              "config.json next to the weights; PEFT import: default is the adapter's base model")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        if e.code:
-            raise UserError("convert: bad arguments (see `python main.py convert --help`)") from None
-        raise
+    def refuse(message: str):  # argparse would print its usage text first; one line is enough
+        raise UserError(f"convert: {message} (see `python main.py convert --help`)")
+
+    parser.error = refuse
+    args = parser.parse_args(argv)
     if args.source == args.target:
         raise UserError(f"convert: --from and --to are both {args.source!r}; nothing to do")
     if args.source == "chatglm" and args.target == "ptuning":
