@@ -132,6 +132,9 @@ def _read_config_file(path: str) -> dict:
             data = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
         except (yaml.YAMLError, json.JSONDecodeError) as e:
             raise UserError(f"--config {path!r}: cannot parse ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"--config {path!r}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); "
+                            "save the file as UTF-8") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path!r}: expected a mapping of flag names to values")
     return data

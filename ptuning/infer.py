@@ -181,7 +181,7 @@ def run_evaluate(argv: list[str]) -> dict:
     from transformers import set_seed
 
     from .args import parse_args
-    from .validate import validate_inference
+    from .validate import check_output_writable, validate_inference
 
     model_args, _, data_args, training_args = parse_args(argv)
     path = data_args.test_file or data_args.validation_file
@@ -192,6 +192,7 @@ def run_evaluate(argv: list[str]) -> dict:
     if not path:
         raise UserError("evaluate: --test_file is required (rows with reference replies)")
     validate_inference(model_args, training_args)  # before any weights are loaded
+    check_output_writable(training_args)
     columns = ColumnSpec(data_args.prompt_column, data_args.response_column, data_args.history_column,
                          data_args.messages_column)
     validate_rows(load_rows(path), columns, path)

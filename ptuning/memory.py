@@ -554,7 +554,10 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"--model_name_or_path {name_or_path!r}: cannot load a model config ({e})") from None
+        if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
+            raise UserError(f"--model_name_or_path {name_or_path!r}: no such directory or config.json") from None
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"--model_name_or_path {name_or_path!r}: cannot load a model config ({first})") from None
 
 
 def resolve_dtype(torch_dtype: str, config) -> str:

@@ -179,6 +179,8 @@ def check_output_writable(training_args) -> None:
     parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--output_dir {out!r}: {parent!r} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise UserError(f"--output_dir {out!r}: not writable")
 
