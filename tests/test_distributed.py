@@ -102,15 +102,16 @@ def runs(tmp_path_factory, extensions):
         return launch(name, out, [sys.executable, "main.py", *train, *extra, *one, "--output_dir", str(out), *args],
                       base_env)
 
-    def torchrun(name, *args, resume_from=None):
+    def torchrun(name, *args, resume_from=None, script="main.py", **faults):
         out = root / name
         if resume_from:
             out.mkdir()
             shutil.copytree(resume_from.out / f"checkpoint-{SAVE_AT}", out / f"checkpoint-{SAVE_AT}")
             args += ("--resume_from_checkpoint", str(out / f"checkpoint-{SAVE_AT}"))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "main.py", *train, *extra, *two, "--output_dir", str(out), *args]
-        return launch(name, out, cmd, base_env)
+               str(free_port()), script, *train, *extra, *two, "--output_dir", str(out), *args]
+        faults = {f"CRASH_{k.upper()}": str(v) for k, v in faults.items()}
+        return launch(name, out, cmd, {**base_env, **faults})
 
     def train_sh(name, **variables):
         out = root / name
@@ -128,6 +129,11 @@ def runs(tmp_path_factory, extensions):
     r["zero3"] = torchrun("zero3", "--deepspeed", str(root / "zero3.json"))
     r["zero2_to_1"] = python("zero2_to_1", resume_from=r["zero2"])
     r["1_to_zero2"] = torchrun("1_to_zero2", "--deepspeed", "ds_configs/zero2.json", resume_from=r["single"])
+    # every rank SIGKILLed right after step SAVE_AT + 1, then resumed from the newest complete checkpoint
+    r["zero2_killed"] = torchrun("zero2_crash", "--deepspeed", "ds_configs/zero2.json", script="tests/crash_run.py",
+                                 kill_after_step=SAVE_AT + 1)
+    r["zero2_crash_resumed"] = torchrun("zero2_crash", "--deepspeed", "ds_configs/zero2.json",
+                                        "--resume_from_checkpoint", "latest")
     r["zero3_to_offload"] = torchrun("zero3_to_offload", "--deepspeed", str(root / "zero3_offload.json"),
                                      resume_from=r["zero3"])
     timings = {name: round(run.seconds, 1) for name, run in r.items()}
@@ -190,7 +196,7 @@ def test_logged_once_and_clean_exit(runs, name):
 
 def test_no_deepspeed_op_is_compiled(runs, extensions):
     """On CPU DeepSpeed would JIT-compile a shared-memory comm op and, under offload, its CPU Adam (a minute each)."""
-    assert all(run.returncode == 0 for run in runs.values())
+    assert all(run.returncode == 0 for name, run in runs.items() if name != "zero2_killed")
     assert not list(extensions.iterdir())
 
 
@@ -219,6 +225,15 @@ def test_resume_under_another_world_size_or_stage_ends_like_an_uninterrupted_run
     assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
     assert max(abs(got[s] - ref[s]) for s in got) <= 1e-4, (got, ref)
     assert_same_prefix(run, single)
+
+
+def test_zero2_run_killed_on_both_ranks_resumes_bit_identically(runs):
+    killed, resumed, uninterrupted = runs["zero2_killed"], runs["zero2_crash_resumed"].check(), runs["zero2"].check()
+    assert killed.returncode != 0 and "exitcode: -9" in killed.log, killed.log[-3000:]
+    assert resumed.log.count("{'loss': ") == STEPS - SAVE_AT  # went on from checkpoint-SAVE_AT, not from scratch
+    got, want = prefix(resumed), prefix(uninterrupted)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert losses(resumed, after=SAVE_AT) == losses(uninterrupted, after=SAVE_AT)
 
 
 def test_train_sh_predicts_once_from_the_exported_prefix(runs):
