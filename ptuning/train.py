@@ -44,6 +44,16 @@ class Preempted(UserError):
     exit_code = 143
 
 
+def parameter_count(p) -> int:
+    """Values a weight stands for: a ZeRO-3 partition or a packed 4-bit tensor holds fewer than that."""
+    if hasattr(p, "ds_numel"):
+        return p.ds_numel
+    quant_state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: two values per stored byte
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return quant_state.shape.numel()
+    return p.numel()
+
+
 def staging_dir(final: str) -> str:
     """The hidden sibling a checkpoint is written into; ``checkpoint-*`` globs and ``latest`` never see it."""
     head, name = os.path.split(final)
@@ -113,8 +123,8 @@ class PrefixTrainer(Seq2SeqTrainer):
 
     def train(self, *args, **kwargs):
         params = list(self.prefix_model.parameters())
-        trainable, total = (sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad or not only)
-                            for only in (True, False))  # ds_numel: the full size of a ZeRO-3 partitioned weight
+        trainable, total = (sum(parameter_count(p) for p in params if p.requires_grad or not only)
+                            for only in (True, False))
         logger.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
                     100 * trainable / total)
         try:

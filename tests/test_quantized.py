@@ -175,6 +175,18 @@ def test_main_trains_an_int4_base_with_checkpointing_and_predicts(checkpoints, t
     assert len((out / "generated_predictions.jsonl").read_text().splitlines()) == len(rows)
 
 
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_parameter_count_is_the_unquantized_one(checkpoints, name):
+    from ptuning.train import parameter_count
+
+    full, _ = load_base_model(checkpoints["llama"], torch_dtype="bf16")
+    quantized, _ = load_base_model(checkpoints["llama"], torch_dtype="bf16", **QUANTIZATIONS[name])
+    want = sum(p.numel() for p in full.parameters())
+    assert sum(parameter_count(p) for p in quantized.parameters()) == want
+    if name == "nf4":
+        assert sum(p.numel() for p in quantized.parameters()) < want  # what the log showed before: packed bytes
+
+
 def test_unknown_quantization_is_refused(checkpoints):
     with pytest.raises(UserError, match="--quantization_bit: expected 4 or 8, got 2"):
         load_base_model(checkpoints["llama"], quantization_bit=2)
