@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -69,6 +70,15 @@ def read_prefix_config(ckpt_dir: str, flag: str = "ptuning_checkpoint") -> Prefi
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"--{flag} {ckpt_dir!r}: not a directory")
     path = os.path.join(ckpt_dir, CONFIG_NAME)
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    except (OSError, ValueError):
+        raw = {}  # missing or not JSON: PrefixConfig.from_json says which
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object of prefix settings, got {type(raw).__name__}")
     config = PrefixConfig.from_json(path)
     for key in (*_POSITIVE, "vocab_size"):
         value = getattr(config, key)

@@ -58,7 +58,7 @@ def _build_checkpoint(spec: dict, workspace, path):
         config.update(spec["config"])
         (path / CONFIG_NAME).write_text(json.dumps(config))
     if "config_text" in spec:
-        (path / CONFIG_NAME).write_text(spec["config_text"])
+        (path / CONFIG_NAME).write_bytes(spec["config_text"].encode(spec.get("config_encoding", "utf-8")))
     return path
 
 
