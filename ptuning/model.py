@@ -106,6 +106,9 @@ class PrefixTunedModel(nn.Module):
         self.prefix_config = prefix_config
         device = base.get_input_embeddings().weight.device
         self.prefix_encoder = PrefixEncoder(prefix_config).to(device=device, dtype=torch.float32)
+        # Rows (target tokens) per chunk of the training loss: None picks ~LOSS_CHUNK_BYTES of fp32 logits per chunk;
+        # 0 switches chunking off (the LM head on the batch's target columns, fp32 log-probs of all of them at once).
+        self.loss_chunk_rows: int | None = None
 
     @property
     def config(self):
@@ -171,10 +174,35 @@ class PrefixTunedModel(nn.Module):
             out = self.base(**model_kwargs)
             return CausalLMOutputWithPast(logits=out.logits)
         shifted = labels[:, 1:]
+        head = self._chunkable_lm_head()
+        if head is not None:
+            # Training: the decoder's hidden states at the target positions only (row by row, no padding columns),
+            # then LM head + fp32 cross-entropy chunk by chunk; no logits are returned.
+            hidden = self.base.base_model(**model_kwargs).last_hidden_state[:, :-1]
+            select = (shifted != -100).to(hidden.device)
+            loss = chunked_target_loss(hidden[select], head.weight, shifted.to(hidden.device)[select],
+                                       num_items_in_batch, self.loss_chunk_rows)
+            return CausalLMOutputWithPast(loss=loss)
         keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
         out = self.base(**model_kwargs, logits_to_keep=keep)
         loss = target_loss(out.logits, shifted[:, keep], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+
+    def _chunkable_lm_head(self):
+        """The LM head when the chunked loss can use its weight directly (training, a plain frozen bias-free Linear
+        whose full weight is on this process, as in every supported architecture); else None."""
+        if self.loss_chunk_rows == 0 or not torch.is_grad_enabled():
+            return None
+        head = self.base.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None:
+            return None
+        weight = head.weight
+        if weight.requires_grad or weight.dim() != 2 or weight.shape[0] != head.out_features or \
+                weight.device.type == "meta" or hasattr(weight, "ds_id") or type(weight) is not nn.Parameter:
+            return None  # trained, ZeRO-3-partitioned, offloaded or quantized heads take the logits_to_keep path
+        if weight.device != self.base.get_input_embeddings().weight.device:
+            return None  # split across devices: the head module's own hooks move its inputs
+        return head
 
     @contextlib.contextmanager
     def prefix_disabled(self):
@@ -204,6 +232,54 @@ class PrefixTunedModel(nn.Module):
             past_key_values=generation_cache(key_values, self.base.config),
             **kwargs,
         )
+
+
+LOSS_CHUNK_BYTES = 32 * 2**20
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, ``rows`` at a time.
+
+    Each chunk's fp32 logits live only inside its loop iteration: the gradient with respect to ``hidden``
+    (softmax minus one-hot, times the frozen ``weight``) is computed right there, so backward has nothing to recompute
+    and the ``[tokens, vocab]`` logits never exist in full. ``weight`` gets no gradient (the base is frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            t = targets[start:start + rows]
+            logits = F.linear(h, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1
+                torch.matmul(probs.to(h.dtype), weight, out=grad[start:start + rows])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def chunked_target_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None,
+                        rows: int | None = None) -> torch.Tensor:
+    """``target_loss(hidden @ weight.T, targets)`` for ``hidden`` ``[tokens, hidden]`` rows that all carry a target,
+    with at most ``rows`` tokens' fp32 logits alive at once (default: about ``LOSS_CHUNK_BYTES`` of them)."""
+    if not rows:
+        rows = max(1, LOSS_CHUNK_BYTES // (4 * weight.shape[0]))
+    total = _LinearCrossEntropy.apply(hidden, weight, targets, rows)
+    if num_items_in_batch is None:
+        return total / targets.shape[0]
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def target_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
