@@ -31,7 +31,8 @@ def prefix_state(model: PrefixTunedModel, state_dict: dict | None = None) -> tup
     encoder_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder_state.items()}
     if not model.prefix_config.prefix_projection:
         return {PREFIX_KEY: encoder_state["embedding.weight"]}, {}
-    with torch.no_grad():
+    # fork_rng: building the shadow draws init values; saving must not shift the dropout masks of the steps after it
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         shadow = type(encoder)(encoder.config)
         shadow.load_state_dict(encoder_state)
         folded = shadow().detach().contiguous()

@@ -10,7 +10,7 @@ import shutil
 import types
 
 import torch
-from transformers import Seq2SeqTrainer
+from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
@@ -91,6 +91,16 @@ def remove_partial_checkpoints(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
+class _SigtermSync(TrainerCallback):
+    """Runs on every rank at the same point of every step, so a one-rank SIGTERM cannot split the ranks' saves."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.sync_sigterm()
+
+
 class PrefixTrainer(Seq2SeqTrainer):
     """Checkpoints hold prefix weights + optimizer/scheduler/RNG state: megabytes, never the base model.
 
@@ -106,9 +116,11 @@ class PrefixTrainer(Seq2SeqTrainer):
         self.preempted_at: int | None = None
         self._nonfinite_loss: float | None = None
         self._skipped_in_a_row = 0
+        self._jit_manager = None
+        self._sigterm_pending = False
         for callback in self.callback_handler.callbacks:
-            manager = getattr(callback, "jit_manager", None)  # --enable_jit_checkpoint: SIGTERM → save → stop
-            if manager is not None:
+            if getattr(callback, "jit_manager", None) is not None:  # --enable_jit_checkpoint: SIGTERM → save → stop
+                self._jit_manager = manager = callback.jit_manager
                 save = manager.execute_jit_checkpoint
 
                 def execute_and_remember(save=save):
@@ -116,6 +128,19 @@ class PrefixTrainer(Seq2SeqTrainer):
                     save()
 
                 manager.execute_jit_checkpoint = execute_and_remember
+                # The signal only marks a request; every rank acts on it at the same step (see _SigtermSync).
+                manager._enable_checkpoint = lambda: setattr(self, "_sigterm_pending", True)
+                self.add_callback(_SigtermSync(self))
+
+    def sync_sigterm(self) -> None:
+        """After each update: if any rank got SIGTERM, all of them save at this step's end and stop together."""
+        pending = self._sigterm_pending
+        if self.args.world_size > 1:
+            flag = torch.tensor([float(pending)], device=self.args.device)
+            pending = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        if pending:
+            self._sigterm_pending = False
+            self._jit_manager.is_checkpoint_requested = True
 
     @property
     def prefix_model(self) -> PrefixTunedModel:

@@ -4,6 +4,7 @@ CRASH_KILL_AFTER_STEP=k     SIGKILL this process right after optimizer step k (b
 CRASH_KILL_IN_SAVE=k        SIGKILL between writing checkpoint-k and renaming it into place
 CRASH_SIGTERM_AFTER_STEP=k  send this process SIGTERM after step k (what a preempting scheduler does)
 CRASH_NAN_AT_STEP=k         the loss of optimizer step k is NaN
+CRASH_ONLY_RANK=r           inject the step faults on rank r alone (default: every rank)
 """
 
 import functools
@@ -29,6 +30,9 @@ class Fault(TrainerCallback):
     def __init__(self):
         self.kill_after = step_from_env("CRASH_KILL_AFTER_STEP")
         self.sigterm_after = step_from_env("CRASH_SIGTERM_AFTER_STEP")
+        only = step_from_env("CRASH_ONLY_RANK")
+        if only is not None and only != int(os.environ.get("RANK", "0")):
+            self.kill_after = self.sigterm_after = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.kill_after:

@@ -89,3 +89,12 @@ def test_missing_or_corrupt_files_are_reported(tmp_path):
     os.remove(tmp_path / PREFIX_WEIGHTS)
     with pytest.raises(UserError, match="missing"):
         load_prefix(tiny_model("llama"), str(tmp_path))
+
+
+def test_saving_draws_no_random_numbers(tmp_path):
+    """A run that saves at step k must see the same dropout masks after k as one that does not."""
+    model = attach_prefix(tiny_model("llama"), 4, prefix_projection=True, prefix_hidden_size=16)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    save_prefix(model, str(tmp_path))
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -149,19 +149,27 @@ def test_divergence_advice_points_fp16_runs_to_bf16():
                                            "--learning_rate (now 0.03)"
 
 
-def test_sigterm_saves_a_complete_checkpoint_and_exits_143(workspace):
+def test_sigterm_saves_a_complete_checkpoint_exits_143_and_resumes_exactly(workspace):
     out = workspace[0] / "preempted"
-    argv = flags(workspace, out, "--enable_jit_checkpoint") + ["--max_steps", "100000", "--save_steps", "100000"]
-    proc = crash_run(argv, sigterm_after_step=3)
+    constant = ["--lr_scheduler_type", "constant", "--save_steps", "100000"]  # the schedule ignores --max_steps
+    proc = crash_run(flags(workspace, out, "--enable_jit_checkpoint", *constant, "--max_steps", "100000"),
+                     sigterm_after_step=3)
     assert proc.returncode == 143, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     checkpoint = latest_checkpoint(str(out))
     assert checkpoint is not None and last.endswith(f"error: SIGTERM: saved {os.path.basename(checkpoint)} in {out} "
                                                     "and stopped; continue with --resume_from_checkpoint latest")
-    assert int(checkpoint.rsplit("-", 1)[1]) > 3
+    step = int(checkpoint.rsplit("-", 1)[1])
+    assert step > 3
     assert sorted(os.listdir(out)) == [os.path.basename(checkpoint)]  # no half-run export next to it
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", *PREFIX_FILES} <= set(
         os.listdir(checkpoint))
+    # the checkpoint is taken at a step boundary: resuming from it is exact too
+    end = ["--max_steps", str(step + 2)]
+    assert crash_run(flags(workspace, out, *constant, *end, "--resume_from_checkpoint", "latest")).returncode == 0
+    reference = workspace[0] / "not_preempted"
+    assert crash_run(flags(workspace, reference, *constant, *end)).returncode == 0
+    assert_bit_identical(out, reference)
 
 
 def test_commit_replaces_an_older_copy_whole(tmp_path):
