@@ -134,6 +134,10 @@ def runs(tmp_path_factory, extensions):
                                  kill_after_step=SAVE_AT + 1)
     r["zero2_crash_resumed"] = torchrun("zero2_crash", "--deepspeed", "ds_configs/zero2.json",
                                         "--resume_from_checkpoint", "latest")
+    # SIGTERM reaches rank 1 alone: both ranks must save the same step and stop
+    r["zero2_sigterm"] = torchrun("zero2_sigterm", "--deepspeed", "ds_configs/zero2.json", "--enable_jit_checkpoint",
+                                  "--max_steps", "100000", "--save_steps", "100000", script="tests/crash_run.py",
+                                  sigterm_after_step=2, only_rank=1)
     r["zero3_to_offload"] = torchrun("zero3_to_offload", "--deepspeed", str(root / "zero3_offload.json"),
                                      resume_from=r["zero3"])
     timings = {name: round(run.seconds, 1) for name, run in r.items()}
@@ -196,7 +200,7 @@ def test_logged_once_and_clean_exit(runs, name):
 
 def test_no_deepspeed_op_is_compiled(runs, extensions):
     """On CPU DeepSpeed would JIT-compile a shared-memory comm op and, under offload, its CPU Adam (a minute each)."""
-    assert all(run.returncode == 0 for name, run in runs.items() if name != "zero2_killed")
+    assert all(run.returncode == 0 for name, run in runs.items() if name not in ("zero2_killed", "zero2_sigterm"))
     assert not list(extensions.iterdir())
 
 
@@ -234,6 +238,16 @@ def test_zero2_run_killed_on_both_ranks_resumes_bit_identically(runs):
     got, want = prefix(resumed), prefix(uninterrupted)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert losses(resumed, after=SAVE_AT) == losses(uninterrupted, after=SAVE_AT)
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_complete_checkpoint(runs):
+    run = runs["zero2_sigterm"]
+    assert run.returncode != 0 and "exitcode: 143" in run.log, run.log[-3000:]
+    names = [n for n in os.listdir(run.out) if not n.startswith(".")]
+    assert len(names) == 1 and names[0].startswith("checkpoint-"), names
+    files = set(os.listdir(run.out / names[0]))
+    assert CHECKPOINT_FILES | {"rng_state_0.pth", "rng_state_1.pth"} == files
+    assert run.log.count(f"error: SIGTERM: saved {names[0]} in {run.out} and stopped") == 2  # rank 0 too
 
 
 def test_train_sh_predicts_once_from_the_exported_prefix(runs):
