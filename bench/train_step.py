@@ -383,7 +383,7 @@ def mixed_table(results: list[dict], args: dict) -> str:
 
     ref = results[0]
     rows = [[r["name"], str(r["steps"]), str(r["padded"]), f"{1 - r['real'] / r['padded']:.3f}", f"{r['mean']:.4f}",
-             f"{r['real'] / r['mean']:.0f}", f"{r['peak'] / 2**20:.1f}", ratio(r["mean"], ref["mean"]),
+             f"{r['real'] / (r['mean'] * r['steps']):.0f}", f"{r['peak'] / 2**20:.1f}", ratio(r["mean"], ref["mean"]),
              f"{r['first_loss']:.4f}"] for r in results]
     return "\n".join([
         f"Length grouping: {args['batch'] * args['mixed_batches']} rows, prompt uniform in "
