@@ -38,7 +38,10 @@ def run(argv=None) -> None:
     model_args, prefix_args, data_args, training_args = parse_args(argv)
     if is_nlu_run(model_args):
         from ptuning.nlu.run import run_nlu
+        from ptuning.validate import validate_flags
 
+        validate_flags(model_args, prefix_args, data_args, training_args, torch.cuda.is_available(),
+                       distributed.world_size())
         return run_nlu(model_args, prefix_args, data_args, training_args)
     validate_run(model_args, prefix_args, data_args, training_args, torch.cuda.is_available(),
                  distributed.world_size())

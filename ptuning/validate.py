@@ -7,10 +7,13 @@ Data rows are checked by ``ptuning.data.validate_rows``; this module covers ever
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from .errors import UserError
 from .prefix import CONFIG_NAME, FORMAT_VERSION
+
+logger = logging.getLogger(__name__)
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -63,6 +66,24 @@ def check_precision(training_args, cuda_available: bool) -> None:
         raise UserError("--fp16 and --bf16: choose one")
     if training_args.fp16 and (training_args.use_cpu or not cuda_available):
         raise UserError("--fp16: needs a CUDA GPU; on CPU use --bf16 or full precision")
+
+
+def precision_warnings(model_args, training_args, base_config, cuda_available: bool) -> list[str]:
+    """fp16 overflows where bf16 would not: say so before hours are spent on a run that may end in NaN."""
+    if not (training_args.fp16 or model_args.torch_dtype in ("fp16", "float16")):
+        return []
+    flag = "--fp16" if training_args.fp16 else f"--torch_dtype {model_args.torch_dtype}"
+    warnings = []
+    import torch
+
+    if cuda_available and torch.cuda.is_bf16_supported():
+        warnings.append(f"{flag}: this GPU supports bf16, which has fp32's range and cannot overflow like fp16; "
+                        "prefer --bf16")
+    trained_in = str(getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or "")
+    if trained_in.endswith("bfloat16"):
+        warnings.append(f"{flag}: {model_args.model_name_or_path} was trained in bfloat16; its activations can exceed "
+                        "fp16's range and turn the loss into NaN; prefer --bf16 where the hardware has it")
+    return warnings
 
 
 def check_deepspeed_batch(training_args, world_size: int) -> None:
@@ -195,16 +216,22 @@ def check_modes(model_args, data_args, training_args) -> None:
             raise UserError(f"--{mode} needs --{flag}")
 
 
-def validate_run(model_args, prefix_args, data_args, training_args, cuda_available: bool = False,
-                 world_size: int = 1):
-    """All checks that need no weights; returns the base config so callers need not read it twice."""
-    check_modes(model_args, data_args, training_args)
+def validate_flags(model_args, prefix_args, data_args, training_args, cuda_available: bool = False,
+                   world_size: int = 1) -> None:
+    """Checks every task type shares (causal LM and NLU): numbers, precision, quantization, DeepSpeed, output."""
     check_numbers(model_args, prefix_args, data_args, training_args)
     check_quantization(model_args, training_args)
     check_dtype(model_args)
     check_precision(training_args, cuda_available)
     check_deepspeed_batch(training_args, world_size)
     check_output_writable(training_args)
+
+
+def validate_run(model_args, prefix_args, data_args, training_args, cuda_available: bool = False,
+                 world_size: int = 1):
+    """All checks that need no weights; returns the base config so callers need not read it twice."""
+    check_modes(model_args, data_args, training_args)
+    validate_flags(model_args, prefix_args, data_args, training_args, cuda_available, world_size)
     start = None
     if model_args.ptuning_checkpoint:
         start = check_checkpoint_dir(model_args.ptuning_checkpoint, "ptuning_checkpoint")
@@ -221,6 +248,10 @@ def validate_run(model_args, prefix_args, data_args, training_args, cuda_availab
         if config is not None:
             check_fits_base(config, base_config, path)
     check_lengths(base_config, prefix_args, data_args)
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict or data_args.prompt):
+        raise UserError("nothing to do: pass --do_train, --do_eval, --do_predict or --prompt")
+    for warning in precision_warnings(model_args, training_args, base_config, cuda_available):
+        logger.warning(warning)
     return base_config
 
 

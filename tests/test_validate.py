@@ -92,3 +92,23 @@ def test_output_dir_that_is_a_file(model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="exists and is not a directory"):
         check(["--model_name_or_path", model_dir, "--output_dir", str(tmp_path / "file")])
+
+
+def test_fp16_warns_where_bf16_is_the_safe_choice(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from ptuning.validate import precision_warnings
+
+    model_args = SimpleNamespace(torch_dtype="auto", model_name_or_path="THUDM/glm-4-9b")
+    fp16, fp32 = SimpleNamespace(fp16=True), SimpleNamespace(fp16=False)
+    bf16_model, fp16_model = SimpleNamespace(dtype="bfloat16"), SimpleNamespace(dtype="float16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision_warnings(model_args, fp32, bf16_model, True) == []
+    gpu, model = precision_warnings(model_args, fp16, bf16_model, True)
+    assert gpu.startswith("--fp16: this GPU supports bf16") and "prefer --bf16" in gpu
+    assert model.startswith("--fp16: THUDM/glm-4-9b was trained in bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100 or T4: fp16 is the only way
+    assert precision_warnings(model_args, fp16, fp16_model, True) == []
+    assert len(precision_warnings(model_args, fp16, bf16_model, True)) == 1
