@@ -247,7 +247,7 @@ def validate_run(model_args, prefix_args, data_args, training_args, cuda_availab
     for path, config in ((model_args.ptuning_checkpoint, start), (resume, saved)):
         if config is not None:
             check_fits_base(config, base_config, path)
-    check_lengths(base_config, prefix_args, data_args)
+    check_lengths(base_config, start or prefix_args, data_args)  # a loaded prefix brings its own pre_seq_len
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict or data_args.prompt):
         raise UserError("nothing to do: pass --do_train, --do_eval, --do_predict or --prompt")
     for warning in precision_warnings(model_args, training_args, base_config, cuda_available):

@@ -112,3 +112,16 @@ def test_fp16_warns_where_bf16_is_the_safe_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100 or T4: fp16 is the only way
     assert precision_warnings(model_args, fp16, fp16_model, True) == []
     assert len(precision_warnings(model_args, fp16, bf16_model, True)) == 1
+
+
+def test_position_budget_uses_the_loaded_prefix_length(model_dir, tmp_path):
+    """--ptuning_checkpoint brings its own pre_seq_len; the flag's default (16) would hide an over-long prefix."""
+    from ptuning.export import save_prefix
+    from ptuning.model import attach_prefix
+
+    ckpt = tmp_path / "long_prefix"
+    save_prefix(attach_prefix(tiny_model("llama"), 1000), str(ckpt))
+    argv = base(model_dir, tmp_path, "--ptuning_checkpoint", str(ckpt), "--do_predict", "--test_file", "t.jsonl",
+                "--max_source_length", "50", "--max_target_length", "10")
+    with pytest.raises(UserError, match="= 1060 exceeds the model's max_position_embeddings"):
+        check(argv)
