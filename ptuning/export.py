@@ -143,6 +143,9 @@ def check_fits_base(config: PrefixConfig, base_config, ckpt_dir: str) -> None:
 def load_prefix(base, ckpt_dir: str, for_training: bool = False) -> PrefixTunedModel:
     """Attach a saved prefix to ``base``; for inference the folded prefix replaces the projection MLP."""
     config = read_prefix_config(ckpt_dir)
+    if config.task_type != "causal_lm":
+        raise UserError(f"{os.path.join(ckpt_dir, CONFIG_NAME)}: a {config.task_type} prefix for an encoder; load it "
+                        "with main.py --ptuning_checkpoint (or ptuning.nlu), not onto a causal LM")
     check_fits_base(config, base.config, ckpt_dir)
     folded = _load_tensors(os.path.join(ckpt_dir, PREFIX_WEIGHTS))
     if PREFIX_KEY not in folded:

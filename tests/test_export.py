@@ -98,3 +98,12 @@ def test_saving_draws_no_random_numbers(tmp_path):
     state = torch.random.get_rng_state()
     save_prefix(model, str(tmp_path))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_an_encoder_task_prefix_is_not_loaded_onto_a_causal_lm(tmp_path):
+    model = attach_prefix(tiny_model("llama"), 4)
+    save_prefix(model, str(tmp_path))
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "task_type": "seq_cls"}))
+    with pytest.raises(UserError, match="a seq_cls prefix for an encoder"):
+        load_prefix(tiny_model("llama"), str(tmp_path))
