@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,6 +66,26 @@ def save_prefix(model: PrefixTunedModel, out_dir: str, state_dict: dict | None =
 # prefix_config.json fields and the values they must hold (a hand-edited config is refused before it is used)
 _POSITIVE = ("pre_seq_len", "num_layers", "num_kv_heads", "head_dim", "hidden_size", "prefix_hidden_size",
              "format_version")
+
+
+@contextlib.contextmanager
+def directory_written_atomically(out_dir: str):
+    """Yield a hidden sibling to write into; it is renamed to ``out_dir`` (new or empty) only once complete."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir}: already holds a checkpoint or other files ({sorted(os.listdir(out_dir))[0]}); "
+                        "choose a new or empty directory")
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+    try:
+        yield staging
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_prefix_config(ckpt_dir: str, flag: str = "ptuning_checkpoint") -> PrefixConfig:

@@ -24,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .export import PREFIX_KEY, PREFIX_WEIGHTS, _load_tensors, read_prefix_config, save_prefix
+from .export import (PREFIX_KEY, PREFIX_WEIGHTS, _load_tensors, directory_written_atomically, read_prefix_config,
+                      save_prefix)
 from .prefix import CONFIG_NAME, PrefixConfig, PrefixEncoder, model_geometry
 
 CHATGLM_PREFIX = "prefix_encoder."
@@ -280,17 +281,17 @@ def run_convert(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     if args.source == args.target:
         raise UserError(f"convert: --from and --to are both {args.source!r}; nothing to do")
-    if args.source == "chatglm" and args.target == "ptuning":
-        config = import_chatglm(args.input, args.output_dir, args.model_name_or_path)
-    elif args.source == "peft" and args.target == "ptuning":
-        config = import_peft(args.input, args.output_dir, args.model_name_or_path)
-    elif args.source == "ptuning" and args.target == "peft":
-        export_peft(args.input, args.output_dir, args.model_name_or_path)
-        print(f"wrote a PEFT PREFIX_TUNING adapter to {args.output_dir}")
-        return args.output_dir
-    else:
+    converters = {("chatglm", "ptuning"): import_chatglm, ("peft", "ptuning"): import_peft,
+                  ("ptuning", "peft"): export_peft}
+    convert = converters.get((args.source, args.target))
+    if convert is None:
         raise UserError(f"convert: {args.source} -> {args.target} is not supported (chatglm -> ptuning, "
                         "peft -> ptuning, ptuning -> peft)")
+    with directory_written_atomically(args.output_dir) as staging:  # a crash leaves no half-converted directory
+        config = convert(args.input, staging, args.model_name_or_path)
+    if args.target == "peft":
+        print(f"wrote a PEFT PREFIX_TUNING adapter to {args.output_dir}")
+        return args.output_dir
     print(f"wrote {args.output_dir}: pre_seq_len={config.pre_seq_len}, position_offset={config.position_offset}, "
           f"prefix_projection={config.prefix_projection}")
     return args.output_dir

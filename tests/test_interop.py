@@ -207,3 +207,22 @@ def test_convert_command_line_round_trip(tmp_path, capsys):
     b = read_tensor_file(str(tmp_path / "back" / "adapter_model.safetensors"))["prompt_embeddings"]
     assert torch.equal(a, b)
     assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["base_model_name_or_path"] == model_dir
+
+
+def test_convert_that_dies_midway_leaves_no_output_directory(tmp_path, monkeypatch):
+    from ptuning import interop
+
+    src = write_chatglm(tmp_path / "chatglm", {"embedding.weight": torch.randn(P, WIDTH)})
+
+    def half_written(checkpoint, out_dir, model_config=None):
+        (tmp_path / "staging_seen").write_text(out_dir)
+        with open(os.path.join(out_dir, "prefix_model.safetensors"), "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt  # the user hits Ctrl-C mid-write
+
+    monkeypatch.setattr(interop, "import_chatglm", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        main.main(["convert", "--from", "chatglm", "--input", src, "--output_dir", str(tmp_path / "ours")])
+    staging = (tmp_path / "staging_seen").read_text()
+    assert os.path.dirname(staging) == str(tmp_path) and os.path.basename(staging).startswith(".ours.")
+    assert not os.path.exists(tmp_path / "ours") and not os.path.exists(staging)
