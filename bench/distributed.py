@@ -32,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 GEOMETRIES = {
     # what the CPU can run in seconds: 2 layers, small vocabulary
@@ -170,35 +171,32 @@ def launch(name: str, a, nproc: int) -> dict:
 
 
 def table(results: list[dict], a, nproc: int) -> str:
+    from tables import markdown_table, ratio
+
     ref = results[0]
-    lines = [
+    ref_tps = ref["tokens"] / ref["median"]
+    rows = []
+    for r in results:
+        tps = r["tokens"] / r["median"]
+        rows.append([r["name"], str(r["processes"]), f"{r['median']:.4f}", f"{r['min']:.4f}", f"{tps:.0f}",
+                     ratio(r["median"], ref["median"]), ratio(tps, ref_tps), f"{r['launch']:.1f}",
+                     f"{r['peak'] / 2**20:.0f}" if r["peak"] else "-", f"{r['first_loss']:.6f}"])
+    return "\n".join([
         f"config={a.config} device={a.device} dtype={a.dtype} global batch={a.batch} seq={a.seq} "
         f"pre_seq_len={a.pre_seq_len} gc={a.gc} steps={a.steps} (+{a.warmup} warmup) threads/process={a.threads} "
         f"processes={nproc}",
         "",
-        "| variant | processes | step median (s) | step min (s) | tokens/s | step time vs 1 process "
-        "| tokens/s vs 1 process | launch (s) | peak GPU mem (MiB) | step-1 loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        tps = r["tokens"] / r["median"]
-        peak = f"{r['peak'] / 2**20:.0f}" if r["peak"] else "-"
-        lines.append(
-            f"| {r['name']} | {r['processes']} | {r['median']:.4f} | {r['min']:.4f} | {tps:.0f} | "
-            f"{r['median'] / ref['median']:.2f}x | {tps / (ref['tokens'] / ref['median']):.2f}x | {r['launch']:.1f} | "
-            f"{peak} | {r['first_loss']:.6f} |"
-        )
-    return "\n".join(lines)
+        markdown_table(["variant", "processes", "step median (s)", "step min (s)", "tokens/s", "step time vs 1 process",
+                        "tokens/s vs 1 process", "launch (s)", "peak GPU mem (MiB)", "step-1 loss"], rows),
+    ])
 
 
 def versions() -> str:
-    import deepspeed
     import torch
-    import transformers
+    from tables import versions as library_versions
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    return (f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"deepspeed {deepspeed.__version__}, {gpu}")
+    return f"{library_versions('deepspeed')}, {gpu}"
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tables import markdown_table  # noqa: E402
 from train_step import GEOMETRIES, measure, versions  # noqa: E402
 
 
@@ -54,13 +55,11 @@ def main(argv=None) -> int:
         "seq_len": [(v, point(a.pre_seq_len, v, a.batch)) for v in ints(a.seq_lens)],
         "batch": [(v, point(a.pre_seq_len, a.seq_len, v)) for v in ints(a.batches)],
     }
+    rows = [[axis, str(value), f"{r['median']:.4f}", f"{r['tokens'] / r['median']:.0f}", f"{r['peak'] / 2**20:.1f}"]
+            for axis, points in sweeps.items() for value, r in points]
     lines = [f"config={a.config} device={device} dtype={a.dtype} gc={a.gc} defaults: pre_seq_len={a.pre_seq_len} "
              f"seq_len={a.seq_len} batch={a.batch}", "",
-             "| axis | value | step median (s) | tokens/s | peak mem (MiB) |", "|---|---|---|---|---|"]
-    for axis, points in sweeps.items():
-        for value, r in points:
-            lines.append(f"| {axis} | {value} | {r['median']:.4f} | {r['tokens'] / r['median']:.0f} | "
-                         f"{r['peak'] / 2**20:.1f} |")
+             markdown_table(["axis", "value", "step median (s)", "tokens/s", "peak mem (MiB)"], rows)]
     print("\n".join(lines) + f"\n\n{versions()}\ncommand: python bench/scaling.py {' '.join(argv or sys.argv[1:])}")
 
     import matplotlib
