@@ -37,7 +37,8 @@ MICRO = ["--config", "micro", "--steps", "2", "--warmup", "0", "--batch", "2", "
 
 
 def test_train_step_table_and_loss_equality():
-    levers = ["ours", "ours-unchunked-ce", "ours-full-logits", "ours-gc", "ours-bf16-weights", "ours-bf16-autocast"]
+    levers = ["ours", "ours-unchunked-ce", "ours-full-logits", "ours-eager-attn", "ours-gc", "ours-bf16-weights",
+              "ours-bf16-autocast"]
     rows = table_rows(run_bench("train_step.py", *MICRO, "--variants", ",".join(levers)))
     assert [r[0] for r in rows] == ["peft", *levers]
     losses = {r[0]: float(r[-1]) for r in rows}
