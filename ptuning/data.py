@@ -504,6 +504,9 @@ class Collator:
         }
         if "labels" in features[0]:
             batch["labels"] = [self._pad(f["labels"], IGNORE_INDEX, length) for f in features]
+            for labels, mask in zip(batch["labels"], batch["attention_mask"]):
+                if 1 in mask:  # a row's first token has nothing before it: never a target, so the Trainer's
+                    labels[mask.index(1)] = IGNORE_INDEX  # token count (num_items_in_batch) matches the loss's
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
     def _pad(self, values, fill: int, length: int) -> list[int]:

@@ -281,8 +281,16 @@ def test_collator_pads_right_for_training():
                                       {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    # the first token of a row is never a target (nothing precedes it), so the label count is the loss's token count
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_num_items_in_batch_counts_exactly_the_tokens_the_loss_sees():
+    batch = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                                      {"input_ids": [8, 9], "labels": [-100, 9]}])
+    labels = batch["labels"]
+    assert (labels != -100).sum() == (labels[:, 1:] != -100).sum() == 3
 
 
 def test_collator_pads_left_for_generation_to_a_multiple():
