@@ -371,17 +371,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
 
 
-def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) -> PrefixTrainer:
-    """Train with Trainer, then export the prefix into ``output_dir`` (once, from the main process)."""
-    if args.world_size > 1:
-        args.log_on_each_node = False  # one log line per step for the whole run, not one per node
-    trainer = PrefixTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=Collator(pad_token_id=tokenizer.pad_token_id, padding_side="right"),
-    )
+def train_resumably(trainer: PrefixTrainer, args):
+    """``trainer.train`` from ``--resume_from_checkpoint DIR|latest``; a SIGTERM-saved stop raises ``Preempted``."""
     if args.should_save:
         remove_partial_checkpoints(args.output_dir)
     resume = args.resume_from_checkpoint
@@ -394,6 +385,21 @@ def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) 
         trainer.accelerator.wait_for_everyone()
         raise Preempted(f"SIGTERM: saved {PREFIX_CHECKPOINT_DIR}-{trainer.preempted_at} in {args.output_dir} and "
                         "stopped; continue with --resume_from_checkpoint latest")
+    return result
+
+
+def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) -> PrefixTrainer:
+    """Train with Trainer, then export the prefix into ``output_dir`` (once, from the main process)."""
+    if args.world_size > 1:
+        args.log_on_each_node = False  # one log line per step for the whole run, not one per node
+    trainer = PrefixTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(pad_token_id=tokenizer.pad_token_id, padding_side="right"),
+    )
+    result = train_resumably(trainer, args)
     trainer.save_model(args.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

@@ -11,7 +11,7 @@ from transformers import DataCollatorForTokenClassification, DataCollatorWithPad
 
 from ..args import DataArguments
 from ..errors import UserError
-from ..train import PrefixTrainer, _gathered, check_output_dir, latest_checkpoint
+from ..train import PrefixTrainer, _gathered, check_output_dir, train_resumably
 from . import data as nlu_data
 from . import metrics as nlu_metrics
 from . import qa
@@ -192,12 +192,7 @@ def run_nlu(model_args, prefix_args, data_args, training_args) -> None:
         if evaluate:
             _report(trainer, "eval_before_training", predict(trainer, task_type, labels, tokenizer, dev, max_length,
                                                              stride)[1])
-        resume = training_args.resume_from_checkpoint
-        if resume == "latest":
-            resume = latest_checkpoint(training_args.output_dir)
-            if resume is None:
-                raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {training_args.output_dir!r}")
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = train_resumably(trainer, training_args)
         trainer.save_model(training_args.output_dir)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
