@@ -98,7 +98,7 @@ def build_config(spec: str):
     from transformers import AutoConfig
 
     if spec in GEOMETRIES:
-        fields = dict(GEOMETRIES[spec])
+        fields = dict(GEOMETRIES[spec], pad_token_id=0)  # GLM's default pad id lies outside a scaled-down vocabulary
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     else:
         config = AutoConfig.from_pretrained(spec)
