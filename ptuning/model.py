@@ -90,25 +90,16 @@ def _activation_dtype(model) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
-class PrefixTunedModel(nn.Module):
-    """A frozen causal LM whose every attention layer sees ``pre_seq_len`` trainable keys/values first.
-
-    ``forward`` with ``labels`` returns the loss computed only on target positions (the logits returned then cover
-    only those columns); without labels it returns the full logits. ``generate`` seeds a normal growing cache with
-    the prefix, repeated per beam / returned sequence.
-    """
+class PrefixModelBase(nn.Module):
+    """A frozen ``base`` and an fp32 ``prefix_encoder`` by its embeddings, shared by the causal and encoder wrappers."""
 
     def __init__(self, base: nn.Module, prefix_config: PrefixConfig):
         super().__init__()
-        check_architecture(base.config)
         base.requires_grad_(False)
         self.base = base
         self.prefix_config = prefix_config
         device = base.get_input_embeddings().weight.device
         self.prefix_encoder = PrefixEncoder(prefix_config).to(device=device, dtype=torch.float32)
-        # Rows (target tokens) per chunk of the training loss: None picks ~LOSS_CHUNK_BYTES of fp32 logits per chunk;
-        # 0 switches chunking off (the LM head on the batch's target columns, fp32 log-probs of all of them at once).
-        self.loss_chunk_rows: int | None = None
 
     @property
     def config(self):
@@ -117,10 +108,6 @@ class PrefixTunedModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.prefix_encoder.embedding.weight.device
-
-    @property
-    def generation_config(self):
-        return self.base.generation_config
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False):
@@ -147,6 +134,26 @@ class PrefixTunedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.base.modules()
                    if isinstance(m, GradientCheckpointingLayer))
+
+
+class PrefixTunedModel(PrefixModelBase):
+    """A frozen causal LM whose every attention layer sees ``pre_seq_len`` trainable keys/values first.
+
+    ``forward`` with ``labels`` returns the loss computed only on target positions (the logits returned then cover
+    only those columns); without labels it returns the full logits. ``generate`` seeds a normal growing cache with
+    the prefix, repeated per beam / returned sequence.
+    """
+
+    def __init__(self, base: nn.Module, prefix_config: PrefixConfig):
+        check_architecture(base.config)
+        super().__init__(base, prefix_config)
+        # Rows (target tokens) per chunk of the training loss: None picks ~LOSS_CHUNK_BYTES of fp32 logits per chunk;
+        # 0 switches chunking off (the LM head on the batch's target columns, fp32 log-probs of all of them at once).
+        self.loss_chunk_rows: int | None = None
+
+    @property
+    def generation_config(self):
+        return self.base.generation_config
 
     def _prefixed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         """Mask with ``pre_seq_len`` leading ones, and positions counted from the mask so left padding is harmless."""
@@ -294,22 +301,28 @@ def target_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=
     return total / num_items_in_batch
 
 
-def attach_prefix(model, pre_seq_len: int, prefix_projection: bool = False, prefix_hidden_size: int = 512,
-                  prefix_dropout: float = 0.0, position_offset: bool = True) -> PrefixTunedModel:
-    """Freeze ``model`` and wrap it with a fresh prefix sized from its config."""
+def new_prefix_config(model, pre_seq_len: int, prefix_projection: bool, prefix_hidden_size: int,
+                      prefix_dropout: float, position_offset: bool, **fields) -> PrefixConfig:
+    """A fresh prefix's config sized from ``model.config``; ``fields`` add what only one kind of wrapper records."""
     if pre_seq_len <= 0:
         raise UserError(f"--pre_seq_len: expected a positive integer, got {pre_seq_len}")
-    geometry = model_geometry(model.config)
-    config = PrefixConfig(
+    return PrefixConfig(
         pre_seq_len=pre_seq_len,
         prefix_projection=prefix_projection,
         prefix_hidden_size=prefix_hidden_size,
         prefix_dropout=prefix_dropout,
         position_offset=position_offset,
         base_model_name_or_path=getattr(model.config, "_name_or_path", "") or "",
-        base_architecture=check_architecture(model.config),
-        **geometry,
+        **fields,
+        **model_geometry(model.config),
     )
+
+
+def attach_prefix(model, pre_seq_len: int, prefix_projection: bool = False, prefix_hidden_size: int = 512,
+                  prefix_dropout: float = 0.0, position_offset: bool = True) -> PrefixTunedModel:
+    """Freeze ``model`` and wrap it with a fresh prefix sized from its config."""
+    config = new_prefix_config(model, pre_seq_len, prefix_projection, prefix_hidden_size, prefix_dropout,
+                               position_offset, base_architecture=check_architecture(model.config))
     return PrefixTunedModel(model, config)
 
 

@@ -16,8 +16,8 @@ from transformers.utils import logging as hf_logging
 from ..errors import UserError
 from ..export import (PREFIX_KEY, PREFIX_WEIGHTS, _load_tensors, check_fits_base, load_encoder_weights,
                       read_prefix_config, save_prefix)
-from ..model import DTYPES, PrefixTunedModel
-from ..prefix import PrefixConfig, PrefixEncoder, model_geometry, read_only_cache
+from ..model import DTYPES, PrefixModelBase, new_prefix_config
+from ..prefix import PrefixConfig, read_only_cache
 from .data import TASK_TYPES
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def check_length(config, pre_seq_len: int, max_length: int) -> None:
         )
 
 
-class PrefixTunedEncoder(nn.Module):
+class PrefixTunedEncoder(PrefixModelBase):
     """``AutoModelFor{SequenceClassification,TokenClassification,QuestionAnswering}`` with a frozen backbone, a
     trainable task head (everything outside the backbone: ``classifier`` / ``qa_outputs``) and ``pre_seq_len``
     trainable keys/values seen first by every self-attention layer.
@@ -77,35 +77,16 @@ class PrefixTunedEncoder(nn.Module):
 
     accepts_loss_kwargs = False  # the base heads average their loss; let Trainer scale for gradient accumulation
 
-    # Gradient checkpointing only touches ``self.base``; the causal wrapper's implementation applies unchanged.
-    activation_checkpointing_enable = PrefixTunedModel.activation_checkpointing_enable
-    gradient_checkpointing_enable = PrefixTunedModel.gradient_checkpointing_enable
-    gradient_checkpointing_disable = PrefixTunedModel.gradient_checkpointing_disable
-    is_gradient_checkpointing = PrefixTunedModel.is_gradient_checkpointing
-
     def __init__(self, base: nn.Module, prefix_config: PrefixConfig):
-        super().__init__()
         check_encoder(base.config)
         check_task_type(prefix_config.task_type)
         if not prefix_config.position_offset:
             raise UserError("--position_offset false is ChatGLM's causal-LM convention; encoders always number "
                             "tokens after the prefix")
-        base.requires_grad_(False)
-        self.base = base
-        self.prefix_config = prefix_config
+        super().__init__(base, prefix_config)
         for name, param in base.named_parameters():
             if name in self.head_names():
                 param.requires_grad_(True)
-        device = base.get_input_embeddings().weight.device
-        self.prefix_encoder = PrefixEncoder(prefix_config).to(device=device, dtype=torch.float32)
-
-    @property
-    def config(self):
-        return self.base.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.prefix_encoder.embedding.weight.device
 
     def head_names(self) -> list[str]:
         """Names (in ``self.base``) of the task-head tensors: everything outside the backbone."""
@@ -186,21 +167,10 @@ def attach_prefix(model, task_type: str, labels: list, pre_seq_len: int, prefix_
                   prefix_hidden_size: int = 512, prefix_dropout: float = 0.0, position_offset: bool = True
                   ) -> PrefixTunedEncoder:
     """Freeze ``model`` (an encoder with a task head) and give it a fresh prefix sized from its config."""
-    if pre_seq_len <= 0:
-        raise UserError(f"--pre_seq_len: expected a positive integer, got {pre_seq_len}")
     check_encoder(model.config)
-    config = PrefixConfig(
-        pre_seq_len=pre_seq_len,
-        prefix_projection=prefix_projection,
-        prefix_hidden_size=prefix_hidden_size,
-        prefix_dropout=prefix_dropout,
-        position_offset=position_offset,
-        base_model_name_or_path=getattr(model.config, "_name_or_path", "") or "",
-        base_architecture=type(model).__name__,
-        task_type=check_task_type(task_type),
-        labels=list(labels),
-        **model_geometry(model.config),
-    )
+    config = new_prefix_config(model, pre_seq_len, prefix_projection, prefix_hidden_size, prefix_dropout,
+                               position_offset, base_architecture=type(model).__name__,
+                               task_type=check_task_type(task_type), labels=list(labels))
     return PrefixTunedEncoder(model, config)
 
 
