@@ -6,11 +6,13 @@
     python main.py plan <the flags of the training command you were about to run>     # a dry run of it
 
 Symbols: b batch per device; s = max_source_length + max_target_length tokens per row; p = pre_seq_len; k = p + s
-keys per query; T loss columns per row: max_target_length, or with b > 1 the worst case s - 1 (rows whose prompts
-differ in length put their targets in different columns, and the loss keeps their union; ``--loss_columns``
-overrides); L layers; h hidden size; H query heads; g key/value heads; d head dim; r rotary dims; f MLP width; V
-vocabulary; c bytes of the compute dtype (2 for bf16/fp16, 4 for fp32), which every unquantized weight also has;
-P trainable prefix parameters (p × 2Lgd, or the reparameterisation MLP's).
+keys per query; N target tokens the chunked loss sees: only real targets, selected row by row, b × max_target_length
+(``--loss_columns`` per row overrides, e.g. for multi-turn rows that train several replies); T loss columns per row
+of the ``logits_to_keep`` path: max_target_length, or with b > 1 the worst case s - 1 (rows whose prompts differ in
+length put their targets in different columns, and that path keeps their union; ``--loss_columns`` overrides); L
+layers; h hidden size; H query heads; g key/value heads; d head dim; r rotary dims; f MLP width; V vocabulary; c
+bytes of the compute dtype (2 for bf16/fp16, 4 for fp32), which every unquantized weight also has; P trainable
+prefix parameters (p × 2Lgd, or the reparameterisation MLP's).
 
 The terms of ``MemoryPlan.terms``; their sum is the peak:
 
@@ -43,11 +45,29 @@ activations             what autograd keeps between forward and backward. The ba
                         With gradient checkpointing only each layer's input stays, L b s h c, with what the
                         recomputation needs: the boolean mask b s k and the prefix keys/values cast to c, b p 2Lgd c
                         (in fp32 they are views of the parameter).
-transient               the larger of two moments on top of the kept activations:
-                          loss            the final norm plus 12 b T V: the fp32 log-probabilities and the fp32
-                                          gradients of them and of the logits. Logits exist only for the T target
-                                          columns (``logits_to_keep``), never as a [b, s, V] fp32 tensor: for GLM's
-                                          151k vocabulary that alone would outgrow the model's activations.
+transient               the largest of three moments on top of the kept activations:
+                          loss            training's chunked loss (``ptuning.model.chunked_target_loss``), at the
+                                          end of the forward: the final norm's saved tensors (4 b s h + 4 b s), the
+                                          decoder output b s h c, the hidden states at the N target positions and
+                                          the gradient with respect to them, computed in the loop and saved for
+                                          backward, 2 N h c, and one chunk of rows = min(N, max(1, 32 MiB // 4 V))
+                                          tokens (``LOSS_CHUNK_BYTES``): its fp32 logits and logsumexp's fp32
+                                          temporary, 8 rows V (the LM head's c output, the log-probs turned into
+                                          probabilities in place and their cast to c for the gradient matmul never
+                                          coexist with more than that); plus the prefix keys/values cast to c
+                                          (b p 2Lgd c, unless checkpointing already counts them, or fp32) and the
+                                          int64 mask and positions 8 b (k + s). No [N, V] logits ever exist.
+                                          Under ZeRO-3 (a partitioned LM head), or with chunking off
+                                          (``loss_chunk_rows = 0``, ``Setup.loss_chunk_rows``), the loss takes the
+                                          ``logits_to_keep`` path instead, at the start of backward: the final norm plus 12 b T V, the
+                                          fp32 log-probabilities and the fp32 gradients of them and of the logits
+                                          of the T target columns. A 4/8-bit base takes the chunked path:
+                                          bitsandbytes never quantizes the LM head.
+                          final norm      the final RMSNorm's backward, the first step after the loss's: its saved
+                          backward        tensors and ~20 b s h of fp32 gradients and temporaries, with no layer's
+                                          activations freed yet. It sets the peak in bf16/fp16 without
+                                          checkpointing when the chunk is small next to b s h (GPT-2's fused
+                                          LayerNorm backward did not in any measured case: not modelled).
                           layer backward  the gradient arriving from above (b s h c), the prefix gradient gathered
                                           so far (b p 2Lgd c), with checkpointing the layer's recomputed
                                           activations, and the widest of: the MLP's gradients 3 b s f c; the
@@ -71,8 +91,9 @@ How this was checked (``measure_step``):
                       allocation and free of PyTorch's CPU allocator in order, so the running sum's maximum is the
                       step's exact peak above that state: no sampling, no RSS noise, and allocations made inside
                       bitsandbytes' kernels count too. Across Llama, Qwen2/3, Mistral, GLM, GLM-4 and GPT-2 tiny
-                      models, fp32/bf16, INT4/INT8, checkpointing on and off, the plan is within 3 % of it, and the
-                      weights term is exact to the byte.
+                      models, fp32/bf16, INT4/INT8, checkpointing on and off, with the default loss chunks and with
+                      several chunks per step (``Setup.loss_chunk_rows``), and the unchunked path, the plan is within
+                      3 % of it, and the weights term is exact to the byte.
   GPU, bench/memory.py  ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``. The CUDA paths
                       differ from the CPU ones in ways the terms above already follow (fused SDPA kernels, the
                       int8 matmul keeping its input, dequantized weights in backward); cuBLAS workspaces (tens of
@@ -184,6 +205,8 @@ class Setup:
     source_len: int = 64
     target_len: int = 64
     loss_columns: int | None = None   # None: target_len for batch 1, the worst case s - 1 for larger batches
+    loss_chunk_rows: int | None = None  # as PrefixTunedModel.loss_chunk_rows: None ~LOSS_CHUNK_BYTES of logits a
+                                        # chunk, 0 the logits_to_keep path
     pre_seq_len: int = 128
     prefix_projection: bool = False
     prefix_hidden_size: int = 512
@@ -202,6 +225,29 @@ class Setup:
             return self.loss_columns
         return self.target_len if self.batch == 1 else self.seq_len - 1
 
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether training takes the chunked loss (``PrefixTunedModel._chunkable_lm_head``): always, except under
+        ZeRO-3 (a partitioned LM head) or with chunking switched off. bitsandbytes never quantizes the LM head, so a
+        4/8-bit base takes it too."""
+        return self.loss_chunk_rows != 0 and self.zero_stage != 3
+
+    @property
+    def target_tokens(self) -> int:
+        """N, the tokens the chunked loss sees: only real targets, b × max_target_length (``loss_columns`` per row
+        when given, e.g. for multi-turn rows that train several replies)."""
+        return self.batch * (self.loss_columns if self.loss_columns is not None else self.target_len)
+
+    def loss_rows(self, vocab: int) -> int:
+        """Target tokens per chunk of the chunked loss, as ``ptuning.model.chunked_target_loss`` picks them."""
+        if self.loss_chunk_rows:
+            rows = self.loss_chunk_rows
+        else:
+            from .model import LOSS_CHUNK_BYTES
+
+            rows = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+        return max(1, min(rows, self.target_tokens))
+
 
 # ---------------------------------------------------------------------------------------------------- the model
 
@@ -213,7 +259,7 @@ class MemoryPlan:
     geometry: Geometry
     setup: Setup
     terms: dict[str, int] = field(default_factory=dict)  # name → bytes; their sum is the peak
-    phase: str = ""                                      # which moment sets the peak: "loss" or "layer backward"
+    phase: str = ""             # which moment sets the peak: "loss", "final norm backward" or "layer backward"
 
     @property
     def peak(self) -> int:
@@ -335,7 +381,7 @@ def plan(config_or_geometry, setup: Setup) -> MemoryPlan:
         raise UserError(f"--quantization_bit: expected 4 or 8, got {setup.quantization_bit}")
     check_quantization_zero(setup.quantization_bit, setup.zero_stage)
     c = DTYPE_BYTES[setup.dtype]
-    b, s, p, T, V, L = setup.batch, setup.seq_len, setup.pre_seq_len, setup.columns, geo.vocab, geo.layers
+    b, s, p, L = setup.batch, setup.seq_len, setup.pre_seq_len, geo.layers
     world = max(1, setup.world_size)
     result = MemoryPlan(geo, setup)
 
@@ -374,15 +420,45 @@ def plan(config_or_geometry, setup: Setup) -> MemoryPlan:
         recomputed = 0
     result.terms["activations"] = kept
 
-    # The two candidate peaks: the start of backward (loss), or a layer's backward.
-    loss_phase = _norm(geo, setup) + 12 * b * T * V  # final norm; log-probs and their two fp32 gradients
-    dequant = dequantized(geo, setup)
-    layer_phase = recomputed + _layer_backward(geo, setup, dequant) + kv
-    if loss_phase >= layer_phase:
-        result.terms["transient"], result.phase = loss_phase, "loss"
-    else:
-        result.terms["transient"], result.phase = layer_phase, "layer backward"
+    # The candidate peaks: the loss, the final norm's backward (with every activation still kept), a layer's backward.
+    candidates = {
+        "loss": _loss(geo, setup, kv),
+        "final norm backward": _final_norm_backward(geo, setup),
+        "layer backward": recomputed + _layer_backward(geo, setup, dequantized(geo, setup)) + kv,
+    }
+    result.phase = max(candidates, key=candidates.get)  # the first of equals: the loss
+    result.terms["transient"] = candidates[result.phase]
     return result
+
+
+def _loss(geo: Geometry, setup: Setup, kv: int) -> int:
+    """Bytes alive at the loss beyond the kept activations (the module docstring's "loss" term).
+
+    Chunked (training's path): at the end of the forward, inside ``_LinearCrossEntropy``'s loop: the final norm's
+    saved fp32 input and 1/rms, the decoder output b s h c, the N hidden states at the target positions and their
+    gradient 2 N h c, one chunk's fp32 logits and logsumexp's fp32 exp temporary 8 rows V, the prefix keys/values
+    cast to c (under checkpointing, or in fp32, already counted), and the int64 attention mask and positions.
+    logits_to_keep (ZeRO-3, or chunking off): at the start of backward, the final norm's saved tensors and 12 b T V
+    (fp32 log-probs and the fp32 gradients of them and of the logits)."""
+    c = DTYPE_BYTES[setup.dtype]
+    b, s, p, h, V = setup.batch, setup.seq_len, setup.pre_seq_len, geo.hidden, geo.vocab
+    if not setup.chunked_loss:
+        return _norm(geo, setup) + 12 * b * setup.columns * V
+    N = setup.target_tokens
+    prefix = kv if c != 4 and not setup.gradient_checkpointing else 0
+    return (_norm(geo, setup) + b * s * h * c + 2 * N * h * c + 8 * setup.loss_rows(V) * V + prefix
+            + 8 * b * (p + 2 * s))
+
+
+def _final_norm_backward(geo: Geometry, setup: Setup) -> int:
+    """The final RMSNorm's backward, the first thing backward meets after the loss: its saved fp32 input and 1/rms
+    and about five fp32 [b, s, h] gradients and temporaries, 20 b s h, while no layer has freed anything yet. Without
+    checkpointing, in bf16/fp16 Llama-like models this can exceed both the chunked loss and a layer's backward (whose
+    norms are reached after the MLP's backward freed 3 b s f c). GPT-2's fused LayerNorm backward did not set the
+    peak in any measured case."""
+    if not geo.gated_mlp:
+        return 0
+    return _norm(geo, setup) + 20 * setup.batch * setup.seq_len * geo.hidden
 
 
 def dequantized(geo: Geometry, setup: Setup) -> int:
@@ -467,6 +543,10 @@ def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
         base = f"INT4 {st.quant_type}{' + double quant' if st.double_quant else ''}, compute {st.dtype}"
     else:
         base = f"{st.dtype} (not quantized)"
+    if st.chunked_loss:
+        loss = f"chunked loss on {st.target_tokens // st.batch} target tokens per row"
+    else:
+        loss = f"loss on {st.columns} columns"
     parallel = f"{st.world_size} GPU{'s' if st.world_size > 1 else ''}"
     if st.zero_stage:
         parallel += f", ZeRO-{st.zero_stage}"
@@ -476,7 +556,7 @@ def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
         f"memory plan for {geo.architecture} ({geo.layers} layers, hidden {geo.hidden}, {geo.heads}/{geo.kv_heads} "
         f"heads × {geo.head_dim}, ffn {geo.ffn}, vocab {geo.vocab}), from the config alone",
         f"  base {base}; batch {st.batch} × {st.seq_len} tokens ({st.source_len} source + "
-        f"{st.target_len} target, loss on {st.columns} columns), pre_seq_len {st.pre_seq_len}"
+        f"{st.target_len} target, {loss}), pre_seq_len {st.pre_seq_len}"
         f"{' with projection' if st.prefix_projection else ''}; gradient checkpointing "
         f"{'on' if st.gradient_checkpointing else 'off'}; {parallel}",
     ]
@@ -507,7 +587,9 @@ class PlanArguments:
     world_size: int = field(default=1, metadata={"help": "Processes (GPUs) the run will use."})
     loss_columns: int | None = field(
         default=None,
-        metadata={"help": "Loss columns per row (default: max_target_length for batch 1, else the worst case)."},
+        metadata={"help": "Loss tokens per row: real target tokens for the chunked training loss (default "
+                          "max_target_length); under ZeRO-3 the batch's target columns (default: max_target_length "
+                          "for batch 1, else the worst case)."},
     )
 
 

@@ -22,7 +22,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_la
             bos_token_id=2)
 GPT2 = dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-CASES = {  # id: (model_type, torch_dtype, quantization, gradient checkpointing)
+CASES = {  # id: (model_type, torch_dtype, quantization, gradient checkpointing[, loss_chunk_rows])
     "llama-bf16": ("llama", "bf16", {}, False),
     "llama-bf16-gc": ("llama", "bf16", {}, True),
     "glm-nf4-gc": ("glm", "bf16", dict(quantization_bit=4), True),
@@ -31,6 +31,9 @@ CASES = {  # id: (model_type, torch_dtype, quantization, gradient checkpointing)
     "qwen2-int8-gc": ("qwen2", "bf16", dict(quantization_bit=8), True),
     "glm4-fp32-gc": ("glm4", "fp32", {}, True),
     "gpt2-fp32": ("gpt2", "fp32", {}, False),
+    # 7 target tokens a chunk (7 chunks): the final norm's backward sets the peak; and the logits_to_keep path
+    "llama-bf16-7-rows": ("llama", "bf16", {}, False, 7),
+    "glm-nf4-unchunked": ("glm", "bf16", dict(quantization_bit=4), False, 0),
 }
 
 
@@ -54,7 +57,8 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plan_is_within_15_percent_of_the_measured_peak(checkpoints, case):
-    model_type, dtype, quantization, gc = CASES[case]
+    model_type, dtype, quantization, gc, *rows = CASES[case]
+    rows = rows[0] if rows else None
     path = checkpoints[model_type]
     from ptuning.model import DTYPES, quantization_config
 
@@ -63,6 +67,8 @@ def test_plan_is_within_15_percent_of_the_measured_peak(checkpoints, case):
         quantization.get("double_quant", False)))
     b, source, target, p = 2, 24, 24, 16
     model = attach_prefix(base, p)
+    model.loss_chunk_rows = rows
+    assert (model._chunkable_lm_head() is not None) == (rows != 0)  # 4/8-bit bases too: their LM head stays bf16
     model.train()
     if gc:
         model.gradient_checkpointing_enable()
@@ -79,8 +85,10 @@ def test_plan_is_within_15_percent_of_the_measured_peak(checkpoints, case):
     step()  # creates the AdamW moments
     before, peak = measure_step(step, model, opt)
     setup = Setup(dtype=dtype, batch=b, source_len=source, target_len=target, loss_columns=target, pre_seq_len=p,
-                  gradient_checkpointing=gc, device="cpu", **quantization)
+                  gradient_checkpointing=gc, device="cpu", loss_chunk_rows=rows, **quantization)
     predicted = plan(AutoConfig.from_pretrained(path), setup)
+    if rows == 7:
+        assert predicted.phase == "final norm backward"
     assert sum(weight_bytes(predicted.geometry, setup)) == state_bytes(model.base)  # to the byte
     measured = before + peak
     assert abs(predicted.peak / measured - 1) <= 0.15, (predicted.peak, measured, predicted.terms)
@@ -138,8 +146,11 @@ def test_chatglm3_6b_int4_plan_equals_the_hand_computation():
     assert layer == 21_087_232
     dequant = 27392 * 4096 * 2  # gate_up dequantized to bf16 in backward: the biggest linear
     transient = layer + b * s * h * 2 + dequant + 2 * b * s * f * 2 + kv
-    loss = 4 * b * s * h + 4 * b * s + 12 * b * 64 * V
-    assert transient > loss and result.phase == "layer backward"
+    # chunked loss: final norm (fp32 input, 1/rms), decoder output, 64 target hidden states and their gradient,
+    # one chunk of min(64, 32 MiB // (4 V) = 129) rows: fp32 logits + logsumexp's temporary; int64 mask, positions
+    loss = 4 * b * s * h + 4 * b * s + b * s * h * 2 + 2 * 64 * h * 2 + 8 * 64 * V + 8 * b * (p + 2 * s)
+    final_norm = 4 * b * s * h + 4 * b * s + 20 * b * s * h
+    assert transient > loss > final_norm and result.phase == "layer backward"
     assert result.terms == {"weights: linears": linears, "weights: embeddings, LM head, norms": other,
                             "prefix state": state, "activations": kept, "transient": transient}
     assert result.peak == 4_590_599_936  # 4.28 GiB: fits 8 GB with room, as ChatGLM-6B's "7 GB" did
@@ -150,7 +161,23 @@ def test_chatglm3_6b_bf16_and_int8_plans():
     setup = Setup(dtype="bf16", batch=1, source_len=64, target_len=64, pre_seq_len=128)
     bf16 = plan(chatglm3_config(), setup)
     assert bf16.terms["weights: linears"] == 28 * 203_948_032 * 2
-    assert bf16.phase == "loss" and bf16.terms["transient"] == 4 * 128 * 4096 + 4 * 128 + 12 * 64 * 65024
+    # chunked loss (see above): 64 target tokens in one chunk; checkpointing counts the prefix keys/values already
+    assert bf16.phase == "loss" and bf16.terms["transient"] == (4 * 128 * 4096 + 4 * 128 + 128 * 4096 * 2
+                                                               + 2 * 64 * 4096 * 2 + 8 * 64 * 65024 + 8 * (128 + 256))
+    # the logits_to_keep path (ZeRO-3, or loss_chunk_rows = 0): the final norm and 12 b T V
+    unchunked = plan(chatglm3_config(), Setup(dtype="bf16", batch=1, source_len=64, target_len=64, pre_seq_len=128,
+                                              loss_chunk_rows=0))
+    assert unchunked.phase == "loss" and unchunked.terms["transient"] == 4 * 128 * 4096 + 4 * 128 + 12 * 64 * 65024
+    zero3 = plan(chatglm3_config(), Setup(dtype="bf16", batch=1, source_len=64, target_len=64, pre_seq_len=128,
+                                          zero_stage=3, world_size=2))
+    assert zero3.terms["transient"] == unchunked.terms["transient"]
+    # without checkpointing, the chunked loss also holds the prefix keys/values cast to bf16 (b p 2Lgd c)
+    no_gc = plan(chatglm3_config(), Setup(dtype="bf16", batch=1, source_len=64, target_len=64, pre_seq_len=128,
+                                          gradient_checkpointing=False))
+    assert no_gc.terms["transient"] - bf16.terms["transient"] == 128 * 28 * 2 * 256 * 2
+    # several chunks: 129 rows of 65024 fp32 logits (~32 MiB) at a time, for 4 × 128 target tokens
+    big = plan(chatglm3_config(), Setup(dtype="bf16", batch=4, source_len=64, target_len=128, pre_seq_len=128))
+    assert big.setup.target_tokens == 512 and big.setup.loss_rows(65024) == 129
     assert 11.5 * GiB < bf16.peak < 12 * GiB
     int8 = plan(chatglm3_config(), Setup(dtype="bf16", quantization_bit=8, batch=1, source_len=64, target_len=64,
                                          pre_seq_len=128))
@@ -167,9 +194,20 @@ def test_chatglm3_6b_bf16_and_int8_plans():
 
 
 def test_loss_columns_default_to_the_worst_case_for_batches():
+    """The logits_to_keep path keeps the union of the batch's target columns; the chunked loss only real targets."""
     assert Setup(batch=1, source_len=64, target_len=64).columns == 64
     assert Setup(batch=4, source_len=64, target_len=64).columns == 127
     assert Setup(batch=4, source_len=64, target_len=64, loss_columns=64).columns == 64
+    assert Setup(batch=4, source_len=64, target_len=64).target_tokens == 256
+    assert Setup(batch=4, source_len=64, target_len=64, loss_columns=100).target_tokens == 400
+    assert Setup().chunked_loss and Setup(quantization_bit=4).chunked_loss
+    assert not Setup(zero_stage=3).chunked_loss and not Setup(loss_chunk_rows=0).chunked_loss
+    from ptuning.model import LOSS_CHUNK_BYTES
+
+    assert Setup(batch=1, target_len=64).loss_rows(512) == 64  # fewer targets than a chunk holds
+    assert Setup(batch=64, target_len=512).loss_rows(151552) == LOSS_CHUNK_BYTES // (4 * 151552) == 55
+    assert Setup(batch=64, target_len=512).loss_rows(2**26) == 1
+    assert Setup(batch=4, target_len=64, loss_chunk_rows=7).loss_rows(512) == 7
 
 
 @pytest.fixture
@@ -203,9 +241,12 @@ def test_plan_in_front_of_a_whole_training_command_is_its_dry_run(config_dir, ca
     assert main.main(argv) == 0
     out = capsys.readouterr().out
     assert "base bfloat16 (not quantized)" in out  # "auto" resolves to the checkpoint's dtype
-    assert "batch 4 × 384 tokens (256 source + 128 target, loss on 383 columns)" in out
+    assert "batch 4 × 384 tokens (256 source + 128 target, chunked loss on 128 target tokens per row)" in out
     assert "gradient checkpointing off" in out and "with --gradient_checkpointing the peak would be" in out
     assert "1 GPU, ZeRO-2" in out and "DeepSpeed buffers" in out
+    argv[-1] = os.path.join(ROOT, "ds_configs", "zero3.json")  # a partitioned LM head: the logits_to_keep loss
+    assert main.main(argv) == 0
+    assert "(256 source + 128 target, loss on 383 columns)" in capsys.readouterr().out
 
 
 def test_plan_errors_are_one_line(tmp_path, capsys):
