@@ -15,10 +15,8 @@ Each variant (dtype × batch × gradient checkpointing) runs in its own child pr
   planned   ``ptuning.memory.plan`` for the same shapes, from the config alone.
   tokens/s  batch × (source + target) tokens per optimizer step, over ``--steps`` steps after one warm-up.
 
-The planner's loss term (12 b T V) models the unchunked target loss (LM head and fp32 log-probs of all target columns
-at once, ``loss_chunk_rows = 0``), so that is the path measured here. Training computes the loss in chunks
-(``ptuning.model.chunked_target_loss``), whose loss phase is never larger: the plan is an upper bound for it
-(bench/results/2026-11-27-cpu-levers.md measures the difference).
+The step is the one training runs: the loss in ~32 MiB chunks of fp32 logits (``ptuning.model.chunked_target_loss``),
+which the planner's loss term models.
 
 Every row trains pre_seq_len 128 on source 64 + target 128 tokens per row by default (the issue's setting) with
 AdamW; the table, the exact command and the device go to ``--out`` as markdown.
@@ -111,7 +109,6 @@ def run_variant(args: dict) -> dict:
     if bits is None:
         base.to(device)  # bitsandbytes places quantized weights itself
     model = attach_prefix(base, args["pre_seq_len"])
-    model.loss_chunk_rows = 0  # the loss path the planner models (see the module docstring)
     if args["gc"]:
         model.gradient_checkpointing_enable()
     model.train()
