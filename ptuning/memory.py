@@ -59,10 +59,10 @@ transient               the largest of three moments on top of the kept activati
                                           int64 mask and positions 8 b (k + s). No [N, V] logits ever exist.
                                           Under ZeRO-3 (a partitioned LM head), or with chunking off
                                           (``loss_chunk_rows = 0``, ``Setup.loss_chunk_rows``), the loss takes the
-                                          ``logits_to_keep`` path instead, at the start of backward: the final norm plus 12 b T V, the
-                                          fp32 log-probabilities and the fp32 gradients of them and of the logits
-                                          of the T target columns. A 4/8-bit base takes the chunked path:
-                                          bitsandbytes never quantizes the LM head.
+                                          ``logits_to_keep`` path instead, at the start of backward: the final
+                                          norm plus 12 b T V, the fp32 log-probabilities and the fp32 gradients of
+                                          them and of the logits of the T target columns. A 4/8-bit base takes the
+                                          chunked path: bitsandbytes never quantizes the LM head.
                           final norm      the final RMSNorm's backward, the first step after the loss's: its saved
                           backward        tensors and ~20 b s h of fp32 gradients and temporaries, with no layer's
                                           activations freed yet. It sets the peak in bf16/fp16 without
