@@ -92,13 +92,16 @@ def remove_partial_checkpoints(output_dir: str) -> None:
 
 
 class _SigtermSync(TrainerCallback):
-    """Runs on every rank at the same point of every step, so a one-rank SIGTERM cannot split the ranks' saves."""
+    """After the update, on every rank: a SIGTERM that any rank saw (agreed in ``_check_step``) becomes the JIT
+    checkpoint request, which transformers' callback then carries out at this step's end."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.sync_sigterm()
+        if self.trainer._sigterm_agreed:
+            self.trainer._sigterm_agreed = self.trainer._sigterm_pending = False
+            self.trainer._jit_manager.is_checkpoint_requested = True
 
 
 class PrefixTrainer(Seq2SeqTrainer):
@@ -117,7 +120,7 @@ class PrefixTrainer(Seq2SeqTrainer):
         self._nonfinite_loss: float | None = None
         self._skipped_in_a_row = 0
         self._jit_manager = None
-        self._sigterm_pending = False
+        self._sigterm_pending = self._sigterm_agreed = False
         for callback in self.callback_handler.callbacks:
             if getattr(callback, "jit_manager", None) is not None:  # --enable_jit_checkpoint: SIGTERM → save → stop
                 self._jit_manager = manager = callback.jit_manager
@@ -128,19 +131,9 @@ class PrefixTrainer(Seq2SeqTrainer):
                     save()
 
                 manager.execute_jit_checkpoint = execute_and_remember
-                # The signal only marks a request; every rank acts on it at the same step (see _SigtermSync).
+                # The signal only marks a request; every rank acts on it at the same step (see _check_step).
                 manager._enable_checkpoint = lambda: setattr(self, "_sigterm_pending", True)
                 self.add_callback(_SigtermSync(self))
-
-    def sync_sigterm(self) -> None:
-        """After each update: if any rank got SIGTERM, all of them save at this step's end and stop together."""
-        pending = self._sigterm_pending
-        if self.args.world_size > 1:
-            flag = torch.tensor([float(pending)], device=self.args.device)
-            pending = bool(self.accelerator.reduce(flag, reduction="sum").item())
-        if pending:
-            self._sigterm_pending = False
-            self._jit_manager.is_checkpoint_requested = True
 
     @property
     def prefix_model(self) -> PrefixTunedModel:
@@ -219,25 +212,29 @@ class PrefixTrainer(Seq2SeqTrainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self._check_finite(grad_norm)
+        self._check_step(grad_norm)
         return grad_norm
 
-    def _check_finite(self, grad_norm) -> None:
-        """Called once per optimizer step, on every rank, between backward and the update."""
+    def _check_step(self, grad_norm) -> None:
+        """Once per optimizer step, on every rank, between backward and the update. One all-reduce carries both this
+        step's non-finite flag and a pending SIGTERM: a rank acting alone on either would hang the others."""
         loss, self._nonfinite_loss = self._nonfinite_loss, None
         norm = float(grad_norm) if grad_norm is not None else 0.0
         scaler = getattr(self.accelerator, "scaler", None)
         norm_bad = not math.isfinite(norm) and scaler is None  # fp16's loss scaler skips overflowing steps itself
-        bad = loss is not None or norm_bad
-        if self.args.world_size > 1:  # one rank's NaN must stop every rank, or the others hang in a collective
-            flag = torch.tensor([float(bad)], device=self.args.device)
-            bad = bool(self.accelerator.reduce(flag, reduction="sum").item())
-        if not bad:
+        flags = [float(loss is not None or norm_bad), float(self._sigterm_pending)]
+        if self.args.world_size > 1:
+            flags = self.accelerator.reduce(torch.tensor(flags, device=self.args.device), reduction="sum").tolist()
+        self._sigterm_agreed = self._sigterm_agreed or flags[1] > 0
+        if not flags[0]:
             self._skipped_in_a_row = 0
             return
         step = self.state.global_step + 1
-        what = f"the loss is {loss}" if loss is not None else f"the gradient norm is {norm}"
-        if not norm_bad and loss is None:
+        if loss is not None:
+            what = f"the loss is {loss}"
+        elif norm_bad:
+            what = f"the gradient norm is {norm}"
+        else:
             what = "the loss is not finite on another rank"
         if self.args.skip_nonfinite_steps and not self.is_deepspeed_enabled and \
                 self._skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
