@@ -8,7 +8,7 @@ from transformers import BertConfig
 
 from ptuning.errors import UserError
 from ptuning.model import attach_prefix, check_architecture
-from tiny_models import ARCHITECTURES, batch, tiny_model
+from tiny_models import ARCHITECTURES, batch, tiny_model, train_prefix
 
 ALL = sorted(ARCHITECTURES)
 
@@ -140,16 +140,7 @@ def test_training_changes_only_the_prefix_and_loss_goes_down():
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
     prefix_before = [p.clone() for p in model.prefix_encoder.parameters()]
     assert all(not p.requires_grad for p in model.base.parameters())
-    ids, mask, labels = batch(left_pad=2)
-    opt = torch.optim.AdamW(model.prefix_encoder.parameters(), lr=5e-2)
-    model.train()
-    losses = []
-    for _ in range(30):
-        loss = model(ids, mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_prefix(model, *batch(left_pad=2), steps=30)
     assert losses[-1] < losses[0] - 0.2
     assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in base_before.items())
     assert all(not torch.equal(a, b) for a, b in zip(prefix_before, model.prefix_encoder.parameters()))

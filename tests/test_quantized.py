@@ -14,7 +14,7 @@ from ptuning.errors import UserError
 from ptuning.export import load_prefix, save_prefix
 from ptuning.model import attach_prefix, load_base_model
 from ptuning.prefix import CONFIG_NAME
-from tiny_models import CHATML, make_tokenizer, tiny_model
+from tiny_models import CHATML, make_tokenizer, tiny_model, train_prefix
 
 # hidden 64 and an MLP of 128 suit bitsandbytes' 64-value quantization blocks
 GEOMETRY = dict(hidden_size=64, intermediate_size=128, head_dim=16)
@@ -147,15 +147,7 @@ def test_trained_prefix_moves_only_itself_and_loss_goes_down(checkpoints):
     model, tokenizer = prefixed(checkpoints["glm"], **QUANTIZATIONS["nf4"])
     model.gradient_checkpointing_enable()
     packed = {k: v.clone() for k, v in model.base.state_dict().items()}
-    ids, mask, labels = batch(tokenizer)
-    opt = torch.optim.AdamW(model.prefix_encoder.parameters(), lr=5e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(ids, mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_prefix(model, *batch(tokenizer), steps=15)
     assert losses[-1] < losses[0] - 0.2
     assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in packed.items())
 

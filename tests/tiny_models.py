@@ -48,6 +48,20 @@ def batch(batch_size: int = 2, seq_len: int = 9, left_pad: int = 0, seed: int = 
     return ids, mask, labels
 
 
+def train_prefix(model, ids, mask, labels, steps: int, lr: float = 5e-2) -> list[float]:
+    """AdamW on the prefix alone for ``steps`` steps on one batch; the loss of each step."""
+    opt = torch.optim.AdamW(model.prefix_encoder.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"] + list("问答：你好世界")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
