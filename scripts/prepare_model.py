@@ -22,6 +22,7 @@ The script is self-contained (no import of ``ptuning``) and importable without s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -68,7 +69,9 @@ def _convert(gguf: Path, target: Path) -> None:
     """De-quantise ``gguf`` and save a plain float32 HF model + tokenizer into the (empty) directory ``target``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line says what happens; four progress bars add nothing
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if not getattr(tokenizer, "chat_template", None):
@@ -130,13 +133,33 @@ def ensure_smollm2(out_dir=DEFAULT_OUT, *, verbose: bool = True) -> str:
     return str(out)
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to stdout inside, by Python or by C code, to stderr.
+
+    Libraries print on import (DeepSpeed's accelerator warning, for one) and while converting; the path this script
+    prints must be the only line on its stdout, so that ``DIR=$(python scripts/prepare_model.py)`` is safe.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help=f"output directory (default: {DEFAULT_OUT.relative_to(REPO_ROOT)} in the repo)")
     args = parser.parse_args(argv)
     try:
-        path = ensure_smollm2(args.out)
+        with stdout_to_stderr():
+            path = ensure_smollm2(args.out)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -45,17 +45,20 @@ run() {
   if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
-# GPUs present, and the precision they support
+# GPUs present, and the precision they support (the last line only: an import may print before it)
 read -r GPUS BF16_OK < <(python -c "import torch; n = torch.cuda.device_count(); \
-print(n, int(n > 0 and torch.cuda.is_bf16_supported()))" 2>/dev/null || echo "0 0")
+print(n, int(n > 0 and torch.cuda.is_bf16_supported()))" 2>/dev/null | tail -n 1 || echo "0 0")
+[[ "$GPUS" =~ ^[0-9]+$ ]] || { GPUS=0; BF16_OK=0; }
 NUM_GPUS=${NUM_GPUS:-$(( GPUS > 0 ? GPUS : 1 ))}
 if [ "$PRECISION" = auto ]; then
   if [ "$GPUS" -eq 0 ]; then PRECISION=fp32; elif [ "$BF16_OK" = 1 ]; then PRECISION=bf16; else PRECISION=fp16; fi
 fi
 
 if [ -z "$MODEL" ]; then
-  if [ "$DRY_RUN" = 1 ]; then MODEL=.cache/smollm2-135m-instruct; else
-    MODEL=$(python scripts/prepare_model.py)
+  # The bundled demo model, converted once into a fixed directory (nothing is read back from a program's stdout).
+  MODEL=.cache/smollm2-135m-instruct
+  if [ "$DRY_RUN" != 1 ]; then
+    python scripts/prepare_model.py --out "$MODEL" >/dev/null
     [ -f "$TRAIN_FILE" ] || python scripts/make_demo_data.py
   fi
 fi
