@@ -1,102 +1,12 @@
-"""P-Tuning v2 for chat models: parse → validate → load → patch → data → train → export → predict."""
+"""P-Tuning v2 for chat models: ``python main.py [COMMAND] FLAGS`` (see ``python main.py --help``).
 
-from __future__ import annotations
+The same entry point is installed as the ``ptuning`` console script (``pip install -e .``); the code lives in
+``ptuning/cli.py`` (commands and help) and ``ptuning/workflow.py`` (the training run).
+"""
 
-import logging
-import os
 import sys
 
-from ptuning.errors import UserError
-
-logger = logging.getLogger("ptuning")
-
-# `python main.py NAME ...` subcommands: (module, function) taking the remaining arguments
-SUBCOMMANDS = {"convert": ("ptuning.interop", "run_convert"), "evaluate": ("ptuning.infer", "run_evaluate"),
-               "chat": ("ptuning.chat", "run_chat"), "plan": ("ptuning.memory", "run_plan")}
-
-
-def run(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        import importlib
-
-        module, function = SUBCOMMANDS[argv[0]]
-        return getattr(importlib.import_module(module), function)(argv[1:])
-    import torch
-    from transformers import set_seed
-
-    import ptuning
-    from ptuning import distributed
-    from ptuning.args import parse_args
-    from ptuning.data import ColumnSpec, encode_dataset, load_rows, validate_rows
-    from ptuning.infer import preview, print_prompt_reply, run_predict
-    from ptuning.nlu import is_nlu_run
-    from ptuning.train import check_output_dir, run_training
-    from ptuning.validate import validate_run
-
-    distributed.prepare(argv)
-    model_args, prefix_args, data_args, training_args = parse_args(argv)
-    if is_nlu_run(model_args):
-        from ptuning.nlu.run import run_nlu
-        from ptuning.validate import validate_flags
-
-        validate_flags(model_args, prefix_args, data_args, training_args, torch.cuda.is_available(),
-                       distributed.world_size())
-        return run_nlu(model_args, prefix_args, data_args, training_args)
-    validate_run(model_args, prefix_args, data_args, training_args, torch.cuda.is_available(),
-                 distributed.world_size())
-    columns = ColumnSpec(data_args.prompt_column, data_args.response_column, data_args.history_column,
-                         data_args.messages_column)
-    paths = [p for p in (data_args.train_file, data_args.validation_file, data_args.test_file) if p]
-    validated = {p: validate_rows(load_rows(p), columns, p) for p in paths}
-    if training_args.do_train:
-        check_output_dir(training_args)
-
-    set_seed(training_args.seed)  # a fresh prefix starts from the same values on every rank and every run
-    model, tokenizer = ptuning.load(
-        model_args.model_name_or_path, model_args.ptuning_checkpoint, torch_dtype=model_args.torch_dtype,
-        trust_remote_code=model_args.trust_remote_code, quantization_bit=model_args.quantization_bit,
-        quant_type=model_args.quant_type, double_quant=model_args.double_quant,
-        for_training=training_args.do_train, **vars(prefix_args),
-    )
-    preview_file = data_args.test_file or data_args.validation_file
-    no_generation = distributed.generation_skipped(training_args)  # only rank 0 generates, and not under ZeRO-3
-    if no_generation:
-        data_args.preview_samples = 0
-        if distributed.is_main_process() and (training_args.do_predict or data_args.prompt):
-            logger.warning("not generating: %s", no_generation)
-    if training_args.do_train:
-        lengths = (data_args.max_source_length, data_args.max_target_length)
-        train_set = encode_dataset(validated[data_args.train_file], data_args.train_file, tokenizer, *lengths)
-        eval_set = None
-        if data_args.validation_file:
-            eval_set = encode_dataset(validated[data_args.validation_file], data_args.validation_file, tokenizer,
-                                      *lengths)
-        with model.prefix_disabled():
-            before = preview(model, tokenizer, preview_file, columns, data_args, "before training (base model)")
-        run_training(model, tokenizer, train_set, eval_set, training_args)
-        preview(model, tokenizer, preview_file, columns, data_args, "after training", before)
-    if training_args.do_predict and not no_generation:
-        run_predict(model, tokenizer, data_args, columns, training_args)
-    if data_args.prompt and not no_generation:
-        print_prompt_reply(model, tokenizer, data_args)
-
-
-def main(argv=None) -> int:
-    from ptuning import distributed
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=distributed.log_level(),
-                        stream=sys.stdout)
-    try:
-        run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    finally:
-        distributed.shutdown()
-    return 0
-
+from ptuning.cli import main, run  # noqa: F401  (tests and wrappers call main.main / main.run)
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -5,6 +5,7 @@ Flag names follow ChatGLM-6B's ``ptuning/main.py`` so existing ``train.sh`` file
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -61,7 +62,8 @@ class DataArguments:
     response_column: str | None = field(default=None, metadata={"help": "ChatGLM-style response column."})
     history_column: str | None = field(default=None, metadata={"help": "Column of [prompt, response] pairs."})
     messages_column: str | None = field(
-        default=None, metadata={"help": "OpenAI-style messages column (default: auto-detect messages/conversations)."}
+        default=None, metadata={"help": "OpenAI-style messages column; when unset, a 'messages' or 'conversations' "
+                                        "column is used if present."}
     )
     text_column: str | None = field(
         default=None, metadata={"help": "NLU: text (seq_cls), word list (token_cls) or question (qa) column."}
@@ -179,7 +181,8 @@ def _check_file_values(path: str, file_args: dict, actions: dict) -> None:
 def parse_namespace(argv: list[str] | None = None, classes=ARGUMENT_CLASSES):
     """The raw flag values of ``classes``; ``--config file.yaml|json`` supplies defaults that explicit flags override."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(classes)
+    # No abbreviations: among ~300 flags a typo that happens to be a prefix of one would silently set it.
+    parser = HfArgumentParser(classes, allow_abbrev=False)
     parser.error = _raise_parse_error
     if "--config" in argv:
         i = argv.index("--config")
@@ -196,8 +199,19 @@ def parse_namespace(argv: list[str] | None = None, classes=ARGUMENT_CLASSES):
         parser.set_defaults(**file_args)
     namespace, rest = parser.parse_known_args(argv)
     if rest:
-        raise UserError(f"unknown arguments: {' '.join(rest)}")
+        raise UserError(f"unknown arguments: {' '.join(rest)}{_did_you_mean(rest, parser)}")
     return namespace
+
+
+def _did_you_mean(rest: list[str], parser) -> str:
+    """'; did you mean --learning_rate?' for the first unknown flag that is close to a real one."""
+    options = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
+    for word in rest:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+    return ""
 
 
 def parse_args(argv: list[str] | None = None):

@@ -2,7 +2,7 @@
 
     python main.py plan --model_name_or_path DIR_OR_CONFIG_JSON --quantization_bit 4 --torch_dtype bf16 \\
         --per_device_train_batch_size 1 --max_source_length 64 --max_target_length 64 --pre_seq_len 128 \\
-        --gradient_checkpointing --gpu_memory 8GB
+        --activation_checkpointing --gpu_memory 8GB
     python main.py plan <the flags of the training command you were about to run>     # a dry run of it
 
 Symbols: b batch per device; s = max_source_length + max_target_length tokens per row; p = pre_seq_len; k = p + s
@@ -109,7 +109,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import UserError, model_source_error
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 CUDA_CONTEXT = 0.5 * GiB
@@ -535,6 +535,12 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def _card(n: int) -> str:
+    """'an 8.00 GiB card', 'a 24.00 GiB card' (the article as the number is spoken)."""
+    size = _gib(n)
+    return f"{'an' if size.startswith(('8', '11', '18', '80')) else 'a'} {size} card"
+
+
 def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
     geo, st = result.geometry, result.setup
     if st.quantization_bit == 8:
@@ -570,11 +576,11 @@ def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
                  f"{result.needed / MiB:10.1f} MiB  = {_gib(result.needed)}")
     if not st.gradient_checkpointing:
         with_gc = plan(geo, dataclasses.replace(st, gradient_checkpointing=True))
-        lines.append(f"  with --gradient_checkpointing the peak would be {_gib(with_gc.peak)}")
+        lines.append(f"  with --activation_checkpointing the peak would be {_gib(with_gc.peak)}")
     if gpu_memory:
         spare = gpu_memory - result.needed
         verdict = f"fits ({_gib(spare)} to spare)" if spare >= 0 else f"does NOT fit ({_gib(-spare)} short)"
-        lines.append(f"  on a {_gib(gpu_memory)} card: {verdict}")
+        lines.append(f"  on {_card(gpu_memory)}: {verdict}")
     return "\n".join(lines)
 
 
@@ -625,7 +631,11 @@ def run_plan(argv=None) -> MemoryPlan:
         world_size=ns.world_size,
     )
     result = plan(config, setup)
-    print(describe(result, parse_size(ns.gpu_memory) if ns.gpu_memory else None))
+    gpu_memory = parse_size(ns.gpu_memory) if ns.gpu_memory else None
+    print(describe(result, gpu_memory))
+    if gpu_memory and result.needed > gpu_memory:  # scripts branch on the exit status
+        raise UserError(f"plan: the run needs {_gib(result.needed)} and does not fit on {_card(gpu_memory)}",
+                        exit_code=1)
     return result
 
 
@@ -636,10 +646,7 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
-            raise UserError(f"--model_name_or_path {name_or_path!r}: no such directory or config.json") from None
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise UserError(f"--model_name_or_path {name_or_path!r}: cannot load a model config ({first})") from None
+        raise model_source_error(name_or_path, e) from None
 
 
 def resolve_dtype(torch_dtype: str, config) -> str:

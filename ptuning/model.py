@@ -13,7 +13,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .errors import UserError
+from .errors import UserError, model_source_error
 from .memory import check_quantization_zero
 from .prefix import PrefixConfig, PrefixEncoder, generation_cache, model_geometry, read_only_cache
 
@@ -68,7 +68,7 @@ def load_base_model(name_or_path: str, torch_dtype: str = "auto", trust_remote_c
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UserError(f"--model_name_or_path {name_or_path!r}: cannot load a model config ({e})") from None
+        raise model_source_error(name_or_path, e) from None
     check_architecture(config)
     if quantization_bit and is_deepspeed_zero3_enabled():
         check_quantization_zero(quantization_bit, 3)

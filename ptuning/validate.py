@@ -10,7 +10,7 @@ import json
 import logging
 import os
 
-from .errors import UserError
+from .errors import UserError, model_source_error
 from .prefix import CONFIG_NAME, FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def load_base_config(model_args):
                             "only if you trust its source") from None
         raise UserError(f"--model_name_or_path {name!r}: {str(e).splitlines()[0]}") from None
     except OSError as e:
-        raise UserError(f"--model_name_or_path {name!r}: cannot load a model config ({str(e).splitlines()[0]})") from None
+        raise model_source_error(name, e) from None
 
 
 def check_lengths(base_config, prefix_args, data_args) -> None:

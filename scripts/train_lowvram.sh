@@ -35,7 +35,7 @@ args=(
   --do_train --train_file "$TRAIN_FILE"
   --output_dir "$OUTPUT_DIR" --overwrite_output_dir
   --quantization_bit "$QUANT_BIT" --quant_type "$QUANT_TYPE" --double_quant "$DOUBLE_QUANT" --torch_dtype "$DTYPE"
-  --gradient_checkpointing
+  --activation_checkpointing
   --pre_seq_len "$PRE_SEQ_LEN"
   --max_source_length "$MAX_SOURCE_LENGTH" --max_target_length "$MAX_TARGET_LENGTH"
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"
@@ -43,12 +43,14 @@ args=(
   --logging_steps 10 --save_steps "$SAVE_STEPS" --save_total_limit 2
 )
 
-plan=$(python main.py plan "${args[@]}" "$@" --gpu_memory "$GPU_MEMORY")
-echo "$plan"
+# plan exits 1 when the run does not fit, 2 on a bad flag
+fits=0
+python main.py plan "${args[@]}" "$@" --gpu_memory "$GPU_MEMORY" || fits=$?
+[ "$fits" -le 1 ] || exit "$fits"
 if [ -n "${DRY_RUN:-}" ]; then
   exit 0
 fi
-if grep -q "does NOT fit" <<<"$plan" && [ -z "${FORCE:-}" ]; then
+if [ "$fits" = 1 ] && [ -z "${FORCE:-}" ]; then
   echo "not starting: the plan above does not fit GPU_MEMORY=$GPU_MEMORY (FORCE=1 to try anyway)" >&2
   exit 1
 fi

@@ -226,11 +226,14 @@ def test_plan_command_prints_the_terms_and_the_verdict(config_dir, capsys):
     out = capsys.readouterr().out
     assert "GlmForCausalLM (28 layers, hidden 4096" in out and "base INT4 nf4, compute bf16;" in out
     assert "expected peak (torch.cuda.max_memory_allocated)" in out and "= 4.28 GiB" in out
-    assert "on a 8.00 GiB card: fits" in out
+    assert "on an 8.00 GiB card: fits" in out
     argv[argv.index("4")] = "8"
     argv[argv.index("8GB")] = "6GB"
-    assert main.main(argv) == 0
-    assert "on a 6.00 GiB card: does NOT fit" in capsys.readouterr().out
+    assert main.main(argv) == 1  # scripts branch on the exit status
+    captured = capsys.readouterr()
+    assert "on a 6.00 GiB card: does NOT fit" in captured.out
+    assert captured.err.startswith("error: plan: the run needs ") and "does not fit on a 6.00 GiB card" in captured.err
+    assert captured.err.count("\n") == 1
 
 
 def test_plan_in_front_of_a_whole_training_command_is_its_dry_run(config_dir, capsys):
@@ -242,7 +245,7 @@ def test_plan_in_front_of_a_whole_training_command_is_its_dry_run(config_dir, ca
     out = capsys.readouterr().out
     assert "base bfloat16 (not quantized)" in out  # "auto" resolves to the checkpoint's dtype
     assert "batch 4 × 384 tokens (256 source + 128 target, chunked loss on 128 target tokens per row)" in out
-    assert "gradient checkpointing off" in out and "with --gradient_checkpointing the peak would be" in out
+    assert "gradient checkpointing off" in out and "with --activation_checkpointing the peak would be" in out
     assert "1 GPU, ZeRO-2" in out and "DeepSpeed buffers" in out
     argv[-1] = os.path.join(ROOT, "ds_configs", "zero3.json")  # a partitioned LM head: the logits_to_keep loss
     assert main.main(argv) == 0
