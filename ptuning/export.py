@@ -81,6 +81,9 @@ def directory_written_atomically(out_dir: str):
     staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
     try:
         yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the result gets what os.makedirs would give it
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(staging, out_dir)

@@ -168,6 +168,13 @@ def import_chatglm(checkpoint: str, out_dir: str, model_config: str | None = Non
 # ---------------------------------------------------------------- PEFT
 
 
+def _base_reference(name_or_path: str | None) -> str | None:
+    """A base model reference that works from any directory: a local path made absolute, a hub id as it is."""
+    if name_or_path and os.path.isdir(os.path.expanduser(name_or_path)):
+        return os.path.abspath(os.path.expanduser(name_or_path))
+    return name_or_path or None
+
+
 def export_peft(ckpt_dir: str, out_dir: str, base_model_name_or_path: str | None = None) -> str:
     """Write our prefix as a PEFT ``PREFIX_TUNING`` adapter that ``PeftModel.from_pretrained(base, out_dir)`` loads."""
     config = read_prefix_config(ckpt_dir)
@@ -193,7 +200,7 @@ def export_peft(ckpt_dir: str, out_dir: str, base_model_name_or_path: str | None
         "prefix_projection": False,
         "inference_mode": True,
         "num_transformer_submodules": 1,
-        "base_model_name_or_path": base_model_name_or_path or config.base_model_name_or_path or None,
+        "base_model_name_or_path": _base_reference(base_model_name_or_path or config.base_model_name_or_path),
         "revision": None,
         "modules_to_save": None,
         "auto_mapping": None,

@@ -202,6 +202,15 @@ class PrefixTrainer(Seq2SeqTrainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
+    def floating_point_ops(self, inputs) -> int:
+        """A frozen base costs its forward (2 N per token) and the backward to its inputs (2 N), not Trainer's 6 N:
+        no weight gradient is computed. N counts the base's non-embedding parameters; the prefix adds ~0."""
+        ids = inputs.get("input_ids")
+        base = getattr(self.model, "base", None)
+        if ids is None or base is None or not hasattr(base, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        return 4 * ids.numel() * base.num_parameters(exclude_embeddings=True)
+
     # ---- divergence guard: a non-finite loss or gradient norm stops the run (or skips the update, by flag)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -389,6 +398,8 @@ def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) 
     """Train with Trainer, then export the prefix into ``output_dir`` (once, from the main process)."""
     if args.world_size > 1:
         args.log_on_each_node = False  # one log line per step for the whole run, not one per node
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False  # nothing to pin for; DataLoader would warn about it
     trainer = PrefixTrainer(
         model=model,
         args=args,

@@ -226,3 +226,21 @@ def test_convert_that_dies_midway_leaves_no_output_directory(tmp_path, monkeypat
     staging = (tmp_path / "staging_seen").read_text()
     assert os.path.dirname(staging) == str(tmp_path) and os.path.basename(staging).startswith(".ours.")
     assert not os.path.exists(tmp_path / "ours") and not os.path.exists(staging)
+
+
+def test_convert_gives_directories_the_users_umask_and_records_an_absolute_base(tmp_path, monkeypatch):
+    model_dir = save_tiny_checkpoint(tmp_path / "model")
+    peft_model(seed=5).save_pretrained(str(tmp_path / "peft_src"))
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert main.main(["convert", "--from", "peft", "--input", "peft_src", "--output_dir", "ours",
+                          "--model_name_or_path", "model"]) == 0
+        assert main.main(["convert", "--to", "peft", "--input", "ours", "--output_dir", "back",
+                          "--model_name_or_path", "model"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("ours", "back"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o755, name
+    recorded = json.loads((tmp_path / "back" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == os.path.abspath(model_dir)

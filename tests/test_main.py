@@ -60,6 +60,17 @@ def test_loss_goes_down_and_checkpoints_hold_only_the_prefix(trained):
         assert total < 2_000_000
 
 
+def test_total_flos_counts_a_frozen_base(trained):
+    """4 N per token (forward + backward to the inputs; no weight gradients), N the base's non-embedding parameters."""
+    from transformers import AutoModelForCausalLM
+
+    state = json.loads((trained / "checkpoint-60" / "trainer_state.json").read_text())
+    n = AutoModelForCausalLM.from_pretrained(json.loads((trained / CONFIG_NAME).read_text())[
+        "base_model_name_or_path"]).num_parameters(exclude_embeddings=True)
+    tokens = state["total_flos"] / (4 * n)
+    assert tokens == int(tokens) and 60 * 4 * 3 <= tokens <= 60 * 4 * 64  # 60 steps x 4 rows x their padded length
+
+
 def test_generation_follows_what_training_taught(trained):
     rows = [json.loads(line) for line in (trained / "generated_predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["new one", "hi"]
