@@ -67,6 +67,10 @@ def is_complete(out_dir) -> bool:
 
 def _convert(gguf: Path, target: Path) -> None:
     """De-quantise ``gguf`` and save a plain float32 HF model + tokenizer into the (empty) directory ``target``."""
+    # Set before the libraries load: the GGUF reader's own progress bar, and DeepSpeed (imported on the way) warning
+    # that it found no GPU, which a conversion on the CPU never needs.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
