@@ -172,11 +172,7 @@ def run_chat(argv: list[str], input_stream=None, output=None) -> list:
     if (training_args.generation_num_beams or 1) > 1:
         raise UserError("chat: streaming works with one beam; drop --generation_num_beams")
     validate_inference(model_args, training_args)  # before any weights are loaded
-    model, tokenizer = ptuning.load(model_args.model_name_or_path, model_args.ptuning_checkpoint,
-                                    torch_dtype=model_args.torch_dtype,
-                                    trust_remote_code=model_args.trust_remote_code,
-                                    quantization_bit=model_args.quantization_bit, quant_type=model_args.quant_type,
-                                    double_quant=model_args.double_quant)
+    model, tokenizer = ptuning.load_from_args(model_args)
     if data_args.do_sample:
         from transformers import set_seed
 

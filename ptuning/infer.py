@@ -196,11 +196,7 @@ def run_evaluate(argv: list[str]) -> dict:
     columns = ColumnSpec(data_args.prompt_column, data_args.response_column, data_args.history_column,
                          data_args.messages_column)
     validate_rows(load_rows(path), columns, path)
-    model, tokenizer = ptuning.load(model_args.model_name_or_path, model_args.ptuning_checkpoint,
-                                    torch_dtype=model_args.torch_dtype,
-                                    trust_remote_code=model_args.trust_remote_code,
-                                    quantization_bit=model_args.quantization_bit, quant_type=model_args.quant_type,
-                                    double_quant=model_args.double_quant)
+    model, tokenizer = ptuning.load_from_args(model_args)
     set_seed(training_args.seed)
     metrics = evaluate_file(model, tokenizer, path, columns, training_args.output_dir, data_args.max_source_length,
                             data_args.max_new_tokens, training_args.predict_batch_size,

@@ -39,12 +39,7 @@ def train_and_predict(argv: list[str]) -> None:
         check_output_dir(training_args)
 
     set_seed(training_args.seed)  # a fresh prefix starts from the same values on every rank and every run
-    model, tokenizer = ptuning.load(
-        model_args.model_name_or_path, model_args.ptuning_checkpoint, torch_dtype=model_args.torch_dtype,
-        trust_remote_code=model_args.trust_remote_code, quantization_bit=model_args.quantization_bit,
-        quant_type=model_args.quant_type, double_quant=model_args.double_quant,
-        for_training=training_args.do_train, **vars(prefix_args),
-    )
+    model, tokenizer = ptuning.load_from_args(model_args, prefix_args, for_training=training_args.do_train)
     preview_file = data_args.test_file or data_args.validation_file
     no_generation = distributed.generation_skipped(training_args)  # only rank 0 generates, and not under ZeRO-3
     if no_generation:
