@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .export import directory_written_atomically
+
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 CHATGLM2_TEMPLATE = (
     "[gMASK]sop{% set ns = namespace(round=1, text='') %}"
     "{% for m in messages %}{% if m['role'] == 'user' %}[Round {{ ns.round }}]\n\n问：{{ m['content'] }}\n\n答："
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{% if not loop.last %}\n\n{% endif %}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{% if not loop.last %}{{ '\\n\\n' }}{% endif %}"
     "{% set ns.round = ns.round + 1 %}{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}")
 # ChatGLM3's build_single_message encodes "\n" and the content separately, each with sentencepiece's dummy prefix;
 # the space after "\n" becomes exactly that second "▁" under Metaspace(prepend_scheme="always").
@@ -329,7 +329,7 @@ def _expected_shapes(config) -> dict:
 def _sentencepiece_backend(model_file: str, specials: list[str]):
     """A ``tokenizers.Tokenizer`` equal to ``SentencePieceProcessor.encode`` for ChatGLM's BPE model, with
     ``specials`` appended at ids ``vocab, vocab + 1, ...`` as ChatGLM's SPTokenizer numbers them."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from transformers.convert_slow_tokenizer import generate_merges, import_protobuf
 
     proto = import_protobuf().ModelProto()
@@ -351,12 +351,13 @@ def _sentencepiece_backend(model_file: str, specials: list[str]):
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    if steps:
-        backend.normalizer = normalizers.Sequence(steps)
-    # "always": every piece of text between special tokens gets sentencepiece's dummy prefix, as each separately
-    # encoded piece does in the original (transformers' default "first" drops it after a role token).
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if norm.add_dummy_prefix else "never", split=True)
+    # The dummy prefix goes on every piece of text between special tokens, as on each separately encoded piece in
+    # the original (transformers' default Metaspace "first" drops it after a role token), and unconditionally, as
+    # sentencepiece does (Metaspace skips it when the text already starts with a space).
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    steps.append(normalizers.Replace(" ", "▁"))
+    backend.normalizer = normalizers.Sequence(steps)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if norm.add_dummy_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -458,6 +459,8 @@ def convert_model(src: str, out_dir: str) -> str:
     """Convert the original ChatGLM directory ``src`` into ``out_dir`` (written atomically); returns ``out_dir``."""
     from transformers import GenerationConfig
 
+    from .export import directory_written_atomically
+
     if not os.path.isdir(src):
         raise UserError(f"--input {src!r}: not a directory")
     raw = read_config(src)
@@ -511,23 +514,30 @@ def cache_root() -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``name_or_path`` itself, or for an original ChatGLM directory its converted copy (converted on first use)."""
+    """``name_or_path`` itself, or for an original ChatGLM directory its converted copy (converted on first use).
+
+    Concurrent callers (one per rank of a distributed run) wait on a file lock: one converts, the others reuse.
+    """
+    from filelock import FileLock
+
     if not is_original_chatglm(name_or_path):
         return name_or_path
     src = os.path.abspath(name_or_path)
     key = hashlib.sha256(src.encode()).hexdigest()[:12]
     out_dir = os.path.join(cache_root(), f"{os.path.basename(src.rstrip(os.sep))}-{key}")
-    marker = _read_json(os.path.join(out_dir, MARKER))
-    current = fingerprint(src)
-    if isinstance(marker, dict) and marker.get("fingerprint") == current and \
-            marker.get("format_version") == FORMAT_VERSION:
-        logger.warning("%s is an original ChatGLM checkpoint; using its conversion in %s", src, out_dir)
-        return out_dir
-    if os.path.isdir(out_dir):  # stale (source changed) or interrupted: convert again
-        import shutil
-        shutil.rmtree(out_dir)
-    logger.warning("%s is an original ChatGLM checkpoint; converting it once to GlmForCausalLM in %s", src, out_dir)
-    return convert_model(src, out_dir)
+    os.makedirs(cache_root(), exist_ok=True)
+    with FileLock(out_dir + ".lock"):
+        marker = _read_json(os.path.join(out_dir, MARKER))
+        if isinstance(marker, dict) and marker.get("fingerprint") == fingerprint(src) and \
+                marker.get("format_version") == FORMAT_VERSION:
+            logger.warning("%s is an original ChatGLM checkpoint; using its conversion in %s", src, out_dir)
+            return out_dir
+        if os.path.isdir(out_dir):  # the source changed since, or an older converter wrote it: convert again
+            import shutil
+            shutil.rmtree(out_dir)
+        logger.warning("%s is an original ChatGLM checkpoint; converting it once to GlmForCausalLM in %s", src,
+                       out_dir)
+        return convert_model(src, out_dir)
 
 
 def convert_args(source: str, output_dir: str) -> types.SimpleNamespace:

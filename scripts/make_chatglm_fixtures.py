@@ -52,6 +52,8 @@ TEXTS = ["你好", "Hello world!", "  two leading spaces", "价格是 42 元\n�
          "emoji 😀 and rare 龘", "def f(x):\n    return x", "isopropyl sop eop"]
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}],
+    [{"role": "user", "content": "Hello world!"}, {"role": "assistant", "content": "Hi! 你好。"},
+     {"role": "user", "content": "价格是 42 元？"}],
     [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello world!"},
      {"role": "assistant", "content": "Hi! 你好。"}, {"role": "user", "content": "价格是 42 元？"}],
 ]
@@ -333,6 +335,8 @@ def token_reference(tok, kind: str) -> dict:
            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "chat": []}
     out["decode"] = {t: tok.decode(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS}
     for conv in CONVERSATIONS:
+        if kind.startswith("chatglm2") and conv[0]["role"] == "system":
+            continue  # ChatGLM2's prompt format has no system turn
         if kind.startswith("chatglm2"):
             users = [m["content"] for m in conv if m["role"] == "user"]
             replies = [m["content"] for m in conv if m["role"] == "assistant"]
