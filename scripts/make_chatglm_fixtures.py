@@ -76,17 +76,17 @@ COMMON = dict(add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_sc
               model_type="chatglm", architectures=["ChatGLMModel"])
 
 # name -> (original files, config overrides, shards, weight dtype, prefix kind)
+# Weights are stored in bf16 (as real checkpoints are in half precision) except for chatglm3, which keeps fp32 and
+# 3 shards; every reference runs in fp32.
+BF16 = dict(torch_dtype="bfloat16", eos_token_id=2, pad_token_id=0)
 CASES = {
-    "chatglm2": ("chatglm2", dict(torch_dtype="float32", eos_token_id=2, pad_token_id=0), 1, torch.float32, "plain"),
-    "chatglm2_32k": ("chatglm2_32k", dict(torch_dtype="float32", eos_token_id=2, pad_token_id=0, rope_ratio=16.0),
-                     1, torch.float32, "plain"),
+    "chatglm2": ("chatglm2", BF16, 1, torch.bfloat16, "plain"),
+    "chatglm2_32k": ("chatglm2_32k", dict(BF16, rope_ratio=16.0), 1, torch.bfloat16, "plain"),
     "chatglm3": ("chatglm3", dict(torch_dtype="float32", eos_token_id=2, pad_token_id=0), 3, torch.float32,
                  "projection"),
-    "chatglm3_rope50": ("chatglm3_32k", dict(torch_dtype="float32", eos_token_id=2, pad_token_id=0, rope_ratio=50),
-                        2, torch.float32, "plain"),
+    "chatglm3_rope50": ("chatglm3_32k", dict(BF16, rope_ratio=50), 2, torch.bfloat16, "plain"),
     # the original prefix encoder assumes multi-query attention, so this case has no prefix
-    "chatglm3_mha": ("chatglm3", dict(torch_dtype="float32", eos_token_id=2, pad_token_id=0,
-                                      multi_query_attention=False), 1, torch.float32, None),
+    "chatglm3_mha": ("chatglm3", dict(BF16, multi_query_attention=False), 1, torch.bfloat16, None),
     "glm4": ("glm4", dict(torch_dtype="bfloat16", layernorm_epsilon=1.5625e-07, rope_ratio=500,
                           seq_length=128, attn_implementation="sdpa"), 2, torch.bfloat16, None),
 }
@@ -277,7 +277,9 @@ def make_case(name: str, originals: str, spm_path: str, spm_size: int, tik_path:
         save_shards(state, case_dir, shards)
         for file in os.listdir(case_dir):
             shutil.copy(os.path.join(case_dir, file), work)
-        model = AutoModelForCausalLM.from_pretrained(work, trust_remote_code=True, torch_dtype=torch.float32).eval()
+        # config.torch_dtype float32 too: ChatGLM2's rotary angles are computed in that dtype (fp16 in real configs)
+        model = AutoModelForCausalLM.from_pretrained(work, config=cfg, trust_remote_code=True,
+                                                     torch_dtype=torch.float32).eval()
         g = torch.Generator().manual_seed(seed + 1)
         real_vocab = tik_size if glm4 else spm_size
         ids = torch.randint(3, real_vocab, (2, 8), generator=g)

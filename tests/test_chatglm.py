@@ -271,24 +271,78 @@ def test_load_base_model_converts_once_and_reuses(tmp_path, monkeypatch, caplog)
 
 
 def test_main_trains_exports_and_predicts_on_an_original_directory(tmp_path):
-    """A ChatGLM3 user's flow: --model_name_or_path is the original directory; main.py never sees remote code."""
+    """A ChatGLM3 user's flow: --model_name_or_path is the original directory; main.py never runs remote code."""
     rows = [{"prompt": "你好", "response": "Hello world!"}, {"prompt": "价格？", "response": "42 元"}]
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     env = dict(os.environ, PTUNING_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    common = ["--model_name_or_path", fixture("chatglm3"), "--output_dir", str(tmp_path / "run"),
-              "--max_source_length", "16", "--max_target_length", "8"]
-    train = subprocess.run([sys.executable, "main.py", *common, "--do_train", "--train_file", str(data),
-                            "--pre_seq_len", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
-                            "--learning_rate", "1e-2", "--report_to", "none", "--save_strategy", "no"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert "converting it once" in train.stdout
+    run = subprocess.run([sys.executable, "main.py", "--model_name_or_path", fixture("chatglm3"),
+                          "--output_dir", str(tmp_path / "run"), "--max_source_length", "16",
+                          "--max_target_length", "4", "--do_train", "--train_file", str(data), "--do_predict",
+                          "--test_file", str(data), "--pre_seq_len", "4", "--max_steps", "2",
+                          "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--report_to", "none",
+                          "--save_strategy", "no"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "converting it once to GlmForCausalLM" in run.stdout
     assert os.path.isfile(tmp_path / "run" / "prefix_config.json")
-    predict = subprocess.run([sys.executable, "main.py", *common[:2], "--output_dir", str(tmp_path / "pred"),
-                              "--ptuning_checkpoint", str(tmp_path / "run"), "--do_predict", "--test_file", str(data),
-                              "--max_source_length", "16", "--max_target_length", "4"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert predict.returncode == 0, predict.stderr[-3000:]
-    assert "using its conversion" in predict.stdout
-    assert os.path.isfile(tmp_path / "pred" / "generated_predictions.jsonl")
+    with open(tmp_path / "run" / "prefix_config.json") as f:
+        assert json.load(f)["base_architecture"] == "GlmForCausalLM"
+    with open(tmp_path / "run" / "generated_predictions.jsonl", encoding="utf-8") as f:
+        assert len(f.read().strip().splitlines()) == len(rows)
+
+
+# ---------------------------------------------------------------- memory
+
+
+MEASURE = """
+import json, resource, sys
+from transformers import GenerationConfig, GlmForCausalLM, PreTrainedTokenizerFast
+from ptuning import chatglm
+src, out = sys.argv[1], sys.argv[2]
+chatglm._expected_shapes(chatglm.glm_config(src)[0])  # code and imports in memory before the baseline
+chatglm.build_tokenizer(src, "chatglm3")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+chatglm.convert_model(src, out)
+print(json.dumps({"grew": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024}))
+"""
+
+
+def test_conversion_holds_one_shard_at_a_time(tmp_path):
+    """Peak RSS of converting a 14-shard random model grows by at most one source shard plus its converted copy
+    being written (safetensors serializes a shard in memory), far below the checkpoint's size."""
+    hidden, heads, kv, groups, ffn, layers, vocab = 256, 8, 32, 2, 1024, 12, 8192
+    src = tmp_path / "src"
+    src.mkdir()
+    config = json.loads(open(os.path.join(fixture("chatglm3"), "config.json")).read())
+    config.update(hidden_size=hidden, num_attention_heads=heads, kv_channels=kv, multi_query_group_num=groups,
+                  ffn_hidden_size=ffn, num_layers=layers, padded_vocab_size=vocab)
+    (src / "config.json").write_text(json.dumps(config))
+    shutil.copy(os.path.join(fixture("chatglm3"), "tokenizer.model"), src / "tokenizer.model")
+    shards = [{"transformer.embedding.word_embeddings.weight": torch.randn(vocab, hidden)}]
+    for i in range(layers):
+        p = f"transformer.encoder.layers.{i}."
+        shards.append({p + "input_layernorm.weight": torch.ones(hidden),
+                       p + "post_attention_layernorm.weight": torch.ones(hidden),
+                       p + "self_attention.query_key_value.weight": torch.randn((heads + 2 * groups) * kv, hidden),
+                       p + "self_attention.query_key_value.bias": torch.randn((heads + 2 * groups) * kv),
+                       p + "self_attention.dense.weight": torch.randn(hidden, heads * kv),
+                       p + "mlp.dense_h_to_4h.weight": torch.randn(2 * ffn, hidden),
+                       p + "mlp.dense_4h_to_h.weight": torch.randn(hidden, ffn)})
+    shards.append({"transformer.encoder.final_layernorm.weight": torch.ones(hidden),
+                   "transformer.output_layer.weight": torch.randn(vocab, hidden)})
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, src / name)
+        weight_map.update({key: name for key in shard})
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    sizes = [os.path.getsize(src / name) for name in set(weight_map.values())]
+    del shards
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(tmp_path / "out")], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grew = json.loads(result.stdout.strip().splitlines()[-1])["grew"]
+    assert grew <= 2 * max(sizes) + 16 * 2**20, (grew, max(sizes), sum(sizes))
+    assert grew < sum(sizes) / 2
+    assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]) == len(sizes)
