@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import types
 
 import torch
 from safetensors.torch import save_file
@@ -539,9 +538,3 @@ def resolve_model_path(name_or_path: str) -> str:
                        out_dir)
         return convert_model(src, out_dir)
 
-
-def convert_args(source: str, output_dir: str) -> types.SimpleNamespace:
-    """For ``python main.py convert --from chatglm-model``: convert and describe the result in one line."""
-    convert_model(source, output_dir)
-    marker = _read_json(os.path.join(output_dir, MARKER)) or {}
-    return types.SimpleNamespace(generation=marker.get("generation", "?"))

@@ -225,10 +225,11 @@ def original_sources(originals: str, kind: str, work: str) -> None:
         f.write("def quantize(*args, **kwargs):\n    raise NotImplementedError\n")
 
 
-def auto_map(tokenizer_class: str) -> dict:
-    return {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
             "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
             "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+HUB_NAMES = {"chatglm2": "THUDM/chatglm2-6b", "chatglm2_32k": "THUDM/chatglm2-6b-32k", "chatglm3": "THUDM/chatglm3-6b",
+             "chatglm3_32k": "THUDM/chatglm3-6b-32k", "glm4": "THUDM/glm-4-9b-chat"}  # as the real configs name them
 
 
 def make_case(name: str, originals: str, spm_path: str, spm_size: int, tik_path: str, tik_size: int) -> dict:
@@ -240,9 +241,9 @@ def make_case(name: str, originals: str, spm_path: str, spm_size: int, tik_path:
     glm4 = kind == "glm4"
     n_specials = len(GLM4_SPECIALS) if glm4 else len(SP_SPECIALS) + (0 if kind.startswith("chatglm2") else 4)
     vocab = (tik_size if glm4 else spm_size) + n_specials
-    hub_name = {"chatglm2": "THUDM/chatglm2-6b", "chatglm2_32k": "THUDM/chatglm2-6b-32k", "chatglm3": "THUDM/chatglm3-6b",
-                "chatglm3_32k": "THUDM/chatglm3-6b-32k", "glm4": "THUDM/glm-4-9b-chat"}[kind]
-    config = {"_name_or_path": hub_name, **COMMON, **GEOMETRY, "padded_vocab_size": -(-vocab // 64) * 64, "auto_map": auto_map(""), **overrides}
+    hub_name = HUB_NAMES[kind]
+    config = {"_name_or_path": hub_name, **COMMON, **GEOMETRY, "padded_vocab_size": -(-vocab // 64) * 64,
+              "auto_map": AUTO_MAP, **overrides}
     if glm4:
         config.update(eos_token_id=[tik_size, tik_size + 7, tik_size + 9], pad_token_id=tik_size)
     with open(os.path.join(case_dir, "config.json"), "w") as f:
@@ -259,7 +260,8 @@ def make_case(name: str, originals: str, spm_path: str, spm_size: int, tik_path:
                       "padding_side": "left", "remove_space": False, "tokenizer_class": "ChatGLM4Tokenizer"}
     else:
         shutil.copy(spm_path, os.path.join(case_dir, "tokenizer.model"))
-        tok_config = {"name_or_path": hub_name, "remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+        tok_config = {"name_or_path": hub_name, "remove_space": False, "do_lower_case": False,
+                      "tokenizer_class": "ChatGLMTokenizer",
                       "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}
     with open(os.path.join(case_dir, "tokenizer_config.json"), "w") as f:
         json.dump(tok_config, f, indent=2, ensure_ascii=False)
