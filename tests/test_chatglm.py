@@ -124,6 +124,7 @@ def test_imported_chatglm_prefix_reproduces_original_prefixed_logits(converted, 
     with torch.no_grad():
         logits = model(exp["input_ids"], exp["attention_mask"]).logits
     real = exp["attention_mask"].bool()
+    assert (exp["prefix_logits"][real] - exp["logits"][real]).abs().max() > 0.1  # the prefix matters
     assert (logits[real] - exp["prefix_logits"][real]).abs().max() <= 1e-5
 
 
