@@ -301,7 +301,7 @@ import json, resource, sys
 from transformers import GenerationConfig, GlmForCausalLM, PreTrainedTokenizerFast
 from ptuning import chatglm
 src, out = sys.argv[1], sys.argv[2]
-chatglm._expected_shapes(chatglm.glm_config(src)[0])  # code and imports in memory before the baseline
+chatglm.expected_shapes(chatglm.glm_config(src)[0])  # code and imports in memory before the baseline
 chatglm.build_tokenizer(src, "chatglm3")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 chatglm.convert_model(src, out)
