@@ -182,6 +182,14 @@ def test_chat_template_renders_chatglm3_format(converted):
     assert text == "[gMASK]<sop><|user|>\nhi<|assistant|>"
 
 
+def test_tool_results_are_observation_turns(converted):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(converted["chatglm3"])
+    text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "call"},
+                                    {"role": "tool", "content": "42"}], add_generation_prompt=True, tokenize=False)
+    assert text == "[gMASK]sop<|user|>\n q<|assistant|>\n call<|observation|>\n 42<|assistant|>"
+
+
 def test_standalone_sop_is_the_special_token(converted):
     """Documented difference: the original's sentencepiece path spells out a standalone word 'sop'; here it is the
     special token (as '<|user|>' typed in text is), while 'isopropyl' stays ordinary text."""
@@ -232,6 +240,23 @@ def test_refusals_are_one_line(tmp_path, changes, message):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_safetensors_shards_convert_the_same(tmp_path, converted):
+    from safetensors.torch import save_file
+    src = tmp_path / "src"
+    shutil.copytree(fixture("chatglm3"), src, ignore=shutil.ignore_patterns("ptuning", "*.bin", "*.index.json"))
+    index = json.load(open(os.path.join(fixture("chatglm3"), "pytorch_model.bin.index.json")))
+    for name in sorted(set(index["weight_map"].values())):
+        state = torch.load(os.path.join(fixture("chatglm3"), name), weights_only=True)
+        save_file(state, src / name.replace("pytorch_model", "model").replace(".bin", ".safetensors"))
+    index["weight_map"] = {k: v.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+                           for k, v in index["weight_map"].items()}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = chatglm.convert_model(str(src), str(tmp_path / "out"))
+    for name in ("model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        ours, ref = load_file(os.path.join(out, name)), load_file(os.path.join(converted["chatglm3"], name))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+
+
 def test_original_rope_false_is_converted_like_the_original(tmp_path, converted):
     """The original code stores original_rope but never reads it, so it changes nothing."""
     out = chatglm.convert_model(_variant(tmp_path, original_rope=False), str(tmp_path / "out"))
@@ -269,6 +294,22 @@ def test_load_base_model_converts_once_and_reuses(tmp_path, monkeypatch, caplog)
         load_base_model(fixture("chatglm3"), torch_dtype="fp32")
     assert any("using its conversion" in r.message for r in caplog.records)
     assert os.stat(marker).st_mtime_ns == stamp
+
+
+def test_changed_source_is_converted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv(chatglm.CACHE_ENV, str(tmp_path / "cache"))
+    src = tmp_path / "chatglm3"
+    shutil.copytree(fixture("chatglm3"), src, ignore=shutil.ignore_patterns("ptuning"))
+    first = chatglm.resolve_model_path(str(src))
+    assert chatglm.resolve_model_path(str(src)) == first
+    marker = os.path.join(first, chatglm.MARKER)
+    stamp = os.stat(marker).st_mtime_ns
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, layernorm_epsilon=1e-6)))
+    os.utime(src / "config.json", (1, 1))
+    assert chatglm.resolve_model_path(str(src)) == first and os.stat(marker).st_mtime_ns != stamp
+    assert json.load(open(os.path.join(first, "config.json")))["rms_norm_eps"] == 1e-6
+    assert chatglm.resolve_model_path(fixture("glm4") + "-not-there") == fixture("glm4") + "-not-there"
 
 
 def test_main_trains_exports_and_predicts_on_an_original_directory(tmp_path):

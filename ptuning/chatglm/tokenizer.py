@@ -25,11 +25,12 @@ CHATGLM2_TEMPLATE = (
 # ChatGLM3's build_single_message encodes "\n" and the content separately, each with sentencepiece's dummy prefix;
 # the space after "\n" becomes exactly that second "▁" under Metaspace(prepend_scheme="always").
 CHATGLM3_TEMPLATE = (
-    "[gMASK]sop{% for m in messages %}<|{{ m['role'] }}|>\n {{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    "[gMASK]sop{% for m in messages %}<|{{ 'observation' if m['role'] == 'tool' else m['role'] }}|>\n "
+    "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# A tool result is ChatGLM's "observation" turn.
 GLM4_TEMPLATE = (
-    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    "[gMASK]<sop>{% for m in messages %}<|{{ 'observation' if m['role'] == 'tool' else m['role'] }}|>\n"
+    "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def _sentencepiece_backend(model_file: str, specials: list[str]):
