@@ -27,6 +27,10 @@ def glm_config(path: str, raw: dict | None = None):
     for refused, what in refusals:
         if refused:
             raise UserError(f"{config_file}: {what} cannot be expressed by GlmForCausalLM; not converted")
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "padded_vocab_size"):
+        if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool) or raw[key] <= 0:
+            raise UserError(f"{config_file}: {key!r} is missing or not a positive integer; not a complete "
+                            "ChatGLM2/3/GLM-4 config")
     heads = raw["num_attention_heads"]
     head_dim = raw.get("kv_channels") or raw["hidden_size"] // heads
     kv_heads = raw.get("multi_query_group_num", 1) if raw.get("multi_query_attention", False) else heads
