@@ -257,6 +257,15 @@ def test_safetensors_shards_convert_the_same(tmp_path, converted):
         assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
 
 
+def test_unreadable_tokenizer_model_is_one_line(tmp_path):
+    src = _variant(tmp_path)
+    with open(os.path.join(src, "tokenizer.model"), "wb") as f:
+        f.write(b"\x00\xffnot a model\x07")
+    with pytest.raises(UserError, match="not a sentencepiece model"):
+        chatglm.convert_model(src, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_original_rope_false_is_converted_like_the_original(tmp_path, converted):
     """The original code stores original_rope but never reads it, so it changes nothing."""
     out = chatglm.convert_model(_variant(tmp_path, original_rope=False), str(tmp_path / "out"))

@@ -41,7 +41,13 @@ def _sentencepiece_backend(model_file: str, specials: list[str]):
 
     proto = import_protobuf().ModelProto()
     with open(model_file, "rb") as f:
-        proto.ParseFromString(f.read())
+        data = f.read()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # protobuf's DecodeError, whose module differs between protobuf backends
+        raise UserError(f"{model_file}: not a sentencepiece model ({type(e).__name__})") from None
+    if not proto.pieces:
+        raise UserError(f"{model_file}: not a sentencepiece model (no pieces)")
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     if trainer.model_type != 2:  # ChatGLM2/3 ship BPE models
         raise UserError(f"{model_file}: sentencepiece model type {trainer.model_type} is not BPE; not a ChatGLM "
