@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import torch
 
@@ -100,7 +101,6 @@ def resolve_model_path(name_or_path: str) -> str:
             logger.warning("%s is an original ChatGLM checkpoint; using its conversion in %s", src, out_dir)
             return out_dir
         if os.path.isdir(out_dir):  # the source changed since, or an older converter wrote it: convert again
-            import shutil
             shutil.rmtree(out_dir)
         logger.warning("%s is an original ChatGLM checkpoint; converting it once to GlmForCausalLM in %s", src,
                        out_dir)
