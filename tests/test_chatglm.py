@@ -172,6 +172,23 @@ def test_tokenizer_ids_equal_original(converted, case):
             assert tok("<|assistant|>\n " + text, add_special_tokens=False)["input_ids"] == ids, text
 
 
+def test_training_example_is_the_original_finetune_format(converted):
+    """ptuning's data pipeline on the converted tokenizer: [gMASK] sop, then each turn as the original's
+    build_single_message, eos after the reply; loss on the reply only."""
+    from transformers import AutoTokenizer
+    from ptuning.data import encode_example
+    tok = AutoTokenizer.from_pretrained(converted["chatglm3"])
+    original = tokens("chatglm3")["chat"][1]  # user, assistant, user, <|assistant|> from build_chat_input
+    messages = [{"role": "user", "content": original["messages"][0]["content"], "loss": False},
+                {"role": "assistant", "content": original["messages"][1]["content"], "loss": True}]
+    example = encode_example(tok, messages, 64, 64)
+    ids, n = example["input_ids"], len(example["input_ids"]) - 1
+    assert ids[:n] == original["input_ids"][:n] and ids[n] == tok.eos_token_id
+    assert original["input_ids"][n] == tok.convert_tokens_to_ids("<|user|>")  # the reply ended exactly there
+    reply = ids.index(tok.convert_tokens_to_ids("<|assistant|>")) + 1
+    assert example["labels"][:reply] == [-100] * reply and example["labels"][reply:] == ids[reply:]
+
+
 def test_chat_template_renders_chatglm3_format(converted):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(converted["chatglm3"])
