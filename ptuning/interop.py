@@ -267,13 +267,16 @@ def import_peft(adapter_dir: str, out_dir: str, model_config: str | None = None)
 
 
 def run_convert(argv: list[str]) -> str:
-    """``python main.py convert --from chatglm|peft|ptuning --to ptuning|peft --input SRC --output_dir DST``."""
+    """``python main.py convert --from chatglm|peft|ptuning --to ptuning|peft --input SRC --output_dir DST``, and
+    ``--from chatglm-model``: an original ChatGLM2/3/GLM-4 model directory -> GlmForCausalLM (see ptuning.chatglm)."""
     parser = argparse.ArgumentParser(
         prog="main.py convert",
-        description="Convert prefix checkpoints: ChatGLM P-tuning -> ours, PEFT prefix tuning <-> ours.",
+        description="Convert prefix checkpoints: ChatGLM P-tuning -> ours, PEFT prefix tuning <-> ours; "
+                    "--from chatglm-model converts an original ChatGLM2/3/GLM-4 model directory to GlmForCausalLM.",
     )
-    parser.add_argument("--from", dest="source", choices=["chatglm", "peft", "ptuning"], default="ptuning",
-                        help="format of --input (default: ptuning, this project's)")
+    parser.add_argument("--from", dest="source", choices=["chatglm", "chatglm-model", "peft", "ptuning"],
+                        default="ptuning", help="format of --input (default: ptuning, this project's); "
+                                                "chatglm-model: an original remote-code ChatGLM model directory")
     parser.add_argument("--to", dest="target", choices=["ptuning", "peft"], default="ptuning",
                         help="format to write (default: ptuning)")
     parser.add_argument("--input", required=True, help="checkpoint file or directory to read")
@@ -286,6 +289,12 @@ def run_convert(argv: list[str]) -> str:
 
     parser.error = refuse
     args = parser.parse_args(argv)
+    if args.source == "chatglm-model":
+        from .chatglm import convert_model
+        result = convert_model(args.input, args.output_dir)
+        print(f"wrote {result}: GlmForCausalLM + fast tokenizer converted from the original ChatGLM checkpoint "
+              f"{args.input}")
+        return result
     if args.source == args.target:
         raise UserError(f"convert: --from and --to are both {args.source!r}; nothing to do")
     converters = {("chatglm", "ptuning"): import_chatglm, ("peft", "ptuning"): import_peft,

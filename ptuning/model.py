@@ -13,6 +13,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import chatglm
 from .errors import UserError, model_source_error
 from .memory import check_quantization_zero
 from .prefix import PrefixConfig, PrefixEncoder, generation_cache, model_geometry, read_only_cache
@@ -65,6 +66,8 @@ def load_base_model(name_or_path: str, torch_dtype: str = "auto", trust_remote_c
     """Load tokenizer and frozen model from a local directory or hub id, refusing unsupported architectures early."""
     if torch_dtype not in DTYPES:
         raise UserError(f"--torch_dtype: expected one of {sorted(DTYPES)}, got {torch_dtype!r}")
+    if not trust_remote_code:  # an original remote-code ChatGLM directory loads as its GlmForCausalLM conversion
+        name_or_path = chatglm.resolve_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:

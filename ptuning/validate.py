@@ -10,6 +10,7 @@ import json
 import logging
 import os
 
+from . import chatglm
 from .errors import UserError, model_source_error
 from .prefix import CONFIG_NAME, FORMAT_VERSION
 
@@ -125,6 +126,8 @@ def load_base_config(model_args):
             raise UserError(f"--model_name_or_path {name!r}: no such directory")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"--model_name_or_path {name!r}: no config.json in that directory")
+    if not model_args.trust_remote_code and chatglm.is_original_chatglm(os.path.expanduser(name)):
+        return chatglm.glm_config(os.path.expanduser(name))[0]  # what load_base_model will convert it to
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     except ValueError as e:
