@@ -643,6 +643,11 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     """A transformers config from a model directory, a config.json file or a hub id (the config only)."""
     from transformers import AutoConfig
 
+    from . import chatglm
+
+    local = os.path.expanduser(name_or_path)
+    if not trust_remote_code and chatglm.is_original_chatglm(local):
+        return chatglm.glm_config(local)[0]  # what training converts it to; its remote code is never run
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

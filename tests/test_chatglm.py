@@ -414,3 +414,13 @@ def test_conversion_holds_one_shard_at_a_time(tmp_path):
     assert grew <= 2 * max(sizes) + 16 * 2**20, (grew, max(sizes), sum(sizes))
     assert grew < sum(sizes) / 2
     assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]) == len(sizes)
+
+
+def test_plan_reads_an_original_directory_as_its_converted_config(capsys):
+    """`main.py plan` on an original ChatGLM directory plans the GlmForCausalLM it converts to, running no remote code."""
+    import main
+
+    assert main.main(["plan", "--model_name_or_path", fixture("chatglm3"), "--max_source_length", "16",
+                      "--max_target_length", "8", "--pre_seq_len", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "GlmForCausalLM" in out and "expected peak" in out
