@@ -481,7 +481,7 @@ def build(argv: list[str], prog: str = "serve"):
     if args.web or prog == "web":
         from .web import mount_web
 
-        mount_web(app, service)
+        mount_web(app, service, api_key=args.api_key)
     return app, args
 
 
