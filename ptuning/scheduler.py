@@ -43,6 +43,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens tokens whatever the model says (benchmarks; vLLM's extension)
 
 
 @dataclasses.dataclass(eq=False)
@@ -236,7 +237,7 @@ class Engine:
         if seq.cancelled:
             seq.finish_reason = "cancelled"
             return True
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
         else:
             seq.output_ids.append(token)

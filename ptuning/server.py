@@ -68,6 +68,7 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM's extension, for benchmarks: always max_tokens tokens
 
 
 class _TextPart(BaseModel):
@@ -173,7 +174,8 @@ class Service:
         wanted = req.max_completion_tokens or req.max_tokens or lim.default_max_tokens
         max_tokens = max(1, min(wanted, lim.max_tokens, self.context - used))
         return [Sequence(prompt_ids, prefix, SamplingParams(max_tokens, req.temperature, req.top_p,
-                                                            None if req.seed is None else req.seed + i, tuple(stop)),
+                                                            None if req.seed is None else req.seed + i, tuple(stop),
+                                                            req.ignore_eos),
                          emit_for(i)) for i in range(req.n)]
 
     def submit(self, sequences: list[Sequence]) -> None:

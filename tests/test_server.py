@@ -303,3 +303,41 @@ def test_responses_are_json_events_in_openai_chunk_format(server):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "glm", "gpt2"])
+def test_engine_rows_joining_mid_batch_equal_solo_generation(arch):
+    """Requests joining a running batch at different steps, on 2 prefixes and the base, per architecture."""
+    from ptuning.scheduler import Engine, SamplingParams, Sequence
+    from tiny_models import VOCAB, tiny_model
+
+    base = tiny_model(arch)
+    singles = {}
+    for i, (name, (p, offset)) in enumerate(list(PREFIXES.items())[:2]):
+        singles[name] = attach_prefix(base, p, position_offset=offset)
+        torch.manual_seed(10 + i)
+        torch.nn.init.normal_(singles[name].prefix_encoder.embedding.weight, std=0.5)
+    multi = MultiPrefixModel(base, singles)
+    tokenizer = type("Tok", (), {"eos_token_id": None, "decode": lambda self, ids, **kw: " ".join(map(str, ids))})()
+    base.generation_config.eos_token_id = None
+    engine = Engine(multi, tokenizer, max_batch_size=8)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3, 7, 4, 6)]
+    models = ["support", "legal", None, "legal", "support", None]
+    sequences = [Sequence(p, m, SamplingParams(max_tokens=6 + i, temperature=0)) for i, (p, m) in
+                 enumerate(zip(prompts, models))]
+    for i, seq in enumerate(sequences):  # one joins before each step: every row meets a batch of other lengths
+        engine.submit([seq])
+        engine._admit(engine.waiting.popleft())
+        engine._step()
+    while engine.rows:
+        engine._step()
+    assert engine.peak_rows >= 4
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    for prompt, model, seq in zip(prompts, models, sequences):
+        ids = torch.tensor([prompt])
+        kw["max_new_tokens"] = len(seq.output_ids)
+        alone = (base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw) if model is None
+                 else singles[model].generate(ids, **kw))
+        assert seq.output_ids == alone[0, len(prompt):].tolist(), (arch, model)
+        assert len(seq.output_ids) == seq.params.max_tokens and seq.finish_reason == "length"
