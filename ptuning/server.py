@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -141,7 +142,11 @@ class Service:
             raise HTTPError(400, "messages: the last message must have role 'user'", param="messages")
         turns = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"],
                   "loss": False} for m in messages]
-        return encode_prompt(self.tokenizer, turns, max_source_length=10**9)
+        try:
+            return encode_prompt(self.tokenizer, turns, max_source_length=10**9)
+        except Exception as e:  # noqa: BLE001 - a template that rejects these turns (order, roles)
+            raise HTTPError(400, f"messages: the chat template cannot render them ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})", param="messages") from None
 
     def text_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
@@ -166,17 +171,21 @@ class Service:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > lim.max_stop or any(not s for s in stop):
             raise HTTPError(400, f"stop: up to {lim.max_stop} non-empty strings", param="stop")
-        used = len(prompt_ids) + (self.model.prefix_config(prefix).pre_seq_len if prefix else 0)
-        if used >= self.context:
-            raise HTTPError(400, f"This model's maximum context length is {self.context} tokens; the prompt uses "
-                                 f"{used} (prefix included)", param="messages" if isinstance(req, ChatRequest)
-                            else "prompt", code="context_length_exceeded")
         wanted = req.max_completion_tokens or req.max_tokens or lim.default_max_tokens
-        max_tokens = max(1, min(wanted, lim.max_tokens, self.context - used))
+        max_tokens = self.token_budget(prefix, prompt_ids, wanted, "messages" if isinstance(req, ChatRequest)
+                                       else "prompt")
         return [Sequence(prompt_ids, prefix, SamplingParams(max_tokens, req.temperature, req.top_p,
                                                             None if req.seed is None else req.seed + i, tuple(stop),
                                                             req.ignore_eos),
                          emit_for(i)) for i in range(req.n)]
+
+    def token_budget(self, prefix: str | None, prompt_ids: list[int], wanted: int, param: str) -> int:
+        """``wanted`` capped by ``--max_tokens`` and the room left in the context; 400 when the prompt fills it."""
+        used = len(prompt_ids) + (self.model.prefix_config(prefix).pre_seq_len if prefix else 0)
+        if used >= self.context:
+            raise HTTPError(400, f"This model's maximum context length is {self.context} tokens; the prompt uses "
+                                 f"{used} (prefix included)", param=param, code="context_length_exceeded")
+        return max(1, min(wanted, self.limits.max_tokens, self.context - used))
 
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue the sequences; 429 when the queue is full."""
@@ -191,6 +200,7 @@ class Service:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         prefix = self.resolve(model)
         ids = self.chat_prompt(messages)
+        params = dataclasses.replace(params, max_tokens=self.token_budget(prefix, ids, params.max_tokens, "messages"))
         seq = Sequence(ids, prefix, params, _emitter(loop, queue, 0))
         self.submit([seq])
         text = ""

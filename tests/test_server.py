@@ -181,6 +181,10 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client, f
     raw = httpx.post(url + "/v1/chat/completions", json={"model": "support", "messages": []},
                      headers={"Authorization": f"Bearer {KEY}"})
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "messages"
+    raw = httpx.post(url + "/v1/chat/completions", json={"model": "support", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 400 and "last message must have role 'user'" in raw.json()["error"]["message"]
     assert service.engine.max_queue == 64  # limits came from the flags' defaults
     assert chat(client, "support", "hello there").strip() == solo(files, "support", "hello there")
 
