@@ -81,6 +81,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.rows: list[Sequence] = []
+        self._admitting: list[Sequence] = []  # taken from the queue, being prefilled
         self._cache = self._mask = self._positions = self._last = None
         self._wake = threading.Condition()
         self._stop = False
@@ -111,7 +112,8 @@ class Engine:
             self._wake.notify()
 
     def stats(self) -> dict:
-        return {"running": len(self.rows), "waiting": len(self.waiting), "steps": self.steps,
+        admitting = sum(1 for s in self._admitting if s.finish_reason is None and s not in self.rows)
+        return {"running": len(self.rows) + admitting, "waiting": len(self.waiting), "steps": self.steps,
                 "peak_rows": self.peak_rows}
 
     # ------------------------------------------------------------------ engine thread
@@ -127,9 +129,11 @@ class Engine:
                 if self.continuous or not self.rows:
                     while self.waiting and len(self.rows) + len(admitted) < self.max_batch_size:
                         admitted.append(self.waiting.popleft())
+                self._admitting = admitted
             try:
                 for seq in admitted:
                     self._admit(seq)
+                self._admitting = []
                 if self.rows:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the server
@@ -138,6 +142,7 @@ class Engine:
                     seq.finish_reason = "error"
                     seq.emit("error", 500, f"generation failed: {type(e).__name__}: {e}")
                 self.rows, self._cache = [], None
+            self._admitting = []
         for seq in list(self.waiting) + self.rows:
             seq.emit("error", 503, "the server is shutting down")
 
@@ -149,6 +154,7 @@ class Engine:
     def _admit(self, seq: Sequence) -> None:
         """Prefill one sequence alone, emit its first token, and merge its cache row into the batch."""
         if seq.cancelled:
+            seq.finish_reason = "cancelled"
             return
         device = self.model.device
         ids = torch.tensor([seq.prompt_ids], device=device)

@@ -66,6 +66,17 @@ def running(app):
         sock.close()
 
 
+def slow_down(monkeypatch, engine, seconds: float) -> None:
+    """Make every forward of ``engine`` take ``seconds`` longer, so requests overlap on any machine."""
+    forward = engine._forward
+
+    def slow_forward(*args):
+        time.sleep(seconds)
+        return forward(*args)
+
+    monkeypatch.setattr(engine, "_forward", slow_forward)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -189,8 +200,9 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client, f
     assert chat(client, "support", "hello there").strip() == solo(files, "support", "hello there")
 
 
-def test_eight_clients_on_three_models_at_once_each_get_their_solo_reply(server, client, files):
+def test_eight_clients_on_three_models_at_once_each_get_their_solo_reply(server, client, files, monkeypatch):
     service = server[1]
+    slow_down(monkeypatch, service.engine, 0.005)
     jobs = [(["tiny-base", "support", "legal"][i % 3], f"question {i}?", i % 2 == 0) for i in range(8)]
     expected = [solo(files, m, t, 24) for m, t, _ in jobs]
     before = service.engine.stats()["steps"]
@@ -206,13 +218,8 @@ def test_eight_clients_on_three_models_at_once_each_get_their_solo_reply(server,
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server, monkeypatch):
     url, service = server
     engine = service.engine
-    submitted, forward = [], engine._forward
-
-    def slow_forward(*args):  # 20 ms a step: the 64 tokens asked for would take over a second
-        time.sleep(0.02)
-        return forward(*args)
-
-    monkeypatch.setattr(engine, "_forward", slow_forward)
+    submitted = []
+    slow_down(monkeypatch, engine, 0.02)  # the 64 tokens asked for would take over a second
     monkeypatch.setattr(engine, "submit", lambda seqs, submit=engine.submit: submitted.extend(seqs) or submit(seqs))
     body = {"model": "legal", "messages": [{"role": "user", "content": "go"}], "max_tokens": 64, "temperature": 0,
             "stream": True}
@@ -229,11 +236,12 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, monkeypatch)
     assert seq.finish_reason == "cancelled" and len(seq.output_ids) < 32
 
 
-def test_a_full_queue_answers_429_and_recovers(files):
+def test_a_full_queue_answers_429_and_recovers(files, monkeypatch):
     model_dir, dirs, _, _ = files
     app, _ = build(["--model_name_or_path", model_dir, "--prefix", f"support={dirs['support']}",
                     "--max_batch_size", "1", "--max_queue", "1", "--max_tokens", "1000"])
     service = app.state.service
+    slow_down(monkeypatch, service.engine, 0.01)  # the running request lasts 9 s unless its client leaves
     body = {"model": "support", "messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
             "temperature": 0, "stream": True}
     with running(app) as url, contextlib.ExitStack() as streams:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ptuning.server import build
-from test_server import MAX_NEW, files, running, solo  # noqa: F401 - files is a fixture
+from test_server import files, running, slow_down, solo  # noqa: F401 - files is a fixture
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -34,14 +34,7 @@ def page_server(files):  # noqa: F811
 def test_chat_page_streams_regenerates_clears_and_compares(page_server, files, tmp_path, monkeypatch):  # noqa: F811
     playwright = pytest.importorskip("playwright.sync_api")
     url, service = page_server
-    engine = service.engine
-    forward = engine._forward
-
-    def slow_forward(*args):  # 15 ms a token, so the browser can see the reply grow
-        time.sleep(0.015)
-        return forward(*args)
-
-    monkeypatch.setattr(engine, "_forward", slow_forward)
+    slow_down(monkeypatch, service.engine, 0.015)  # 15 ms a token, so the browser can see the reply grow
     text = "hello there"
     expected = {m: solo(files, m, text, 24) for m in ("tiny-base", "support", "legal")}
     outside = []
