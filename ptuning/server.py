@@ -448,9 +448,12 @@ def serve_parser(prog: str = "serve") -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $PTUNING_API_KEY)")
     p.add_argument("--admin_api_key", default=os.environ.get("PTUNING_ADMIN_API_KEY"),
                    help="turn on /admin/prefixes with this key (default: $PTUNING_ADMIN_API_KEY; off when unset)")
-    limits = ServeLimits()
-    for name, value in limits.model_dump().items():
-        p.add_argument(f"--{name}", type=int, default=value)
+    helps = {"max_tokens": "cap on a request's max_tokens", "default_max_tokens": "when a request gives none",
+             "max_batch_size": "rows decoded together", "max_queue": "requests waiting for a row; more get 429",
+             "max_request_bytes": "larger bodies get 413", "max_n": "most choices per request",
+             "max_stop": "most stop strings per request"}
+    for name, value in ServeLimits().model_dump().items():
+        p.add_argument(f"--{name}", type=int, default=value, help=f"{helps[name]} (default {value})")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="static: a new batch starts only when the running one has finished (for comparison)")
     p.add_argument("--web", action="store_true", help="also serve the chat page at /")

@@ -138,7 +138,8 @@ def build_page(service):
         with gr.Tab("Chat", elem_id="tab-chat"):
             model = gr.Dropdown(choices=choices(), value=first_prefix(), label="Model (a prefix or the base)",
                                 elem_id="model")
-            chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", render_markdown=False, height=360)
+            chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", render_markdown=False, height=360,
+                                 buttons=["copy", "copy_all"])  # no "share" (it posts to an outside site)
             message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
             with gr.Row():
                 send_button = gr.Button("Send", variant="primary", elem_id="send")
