@@ -27,7 +27,8 @@ import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicCache
 
-from .prefix import generation_cache
+from .model import _activation_dtype
+from .prefix import generation_cache, split_key_values
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Engine:
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.rows: list[Sequence] = []
         self._admitting: list[Sequence] = []  # taken from the queue, being prefilled
@@ -131,8 +133,8 @@ class Engine:
                         admitted.append(self.waiting.popleft())
                 self._admitting = admitted
             try:
-                for seq in admitted:
-                    self._admit(seq)
+                if admitted:
+                    self._admit(admitted)
                 self._admitting = []
                 if self.rows:
                     self._step()
@@ -151,36 +153,64 @@ class Engine:
                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
-    def _admit(self, seq: Sequence) -> None:
-        """Prefill one sequence alone, emit its first token, and merge its cache row into the batch."""
-        if seq.cancelled:
-            seq.finish_reason = "cancelled"
-            return
-        device = self.model.device
-        ids = torch.tensor([seq.prompt_ids], device=device)
-        mask = torch.ones_like(ids)
-        if seq.prefix is None:
-            cache = DynamicCache(config=self.model.config)
-            full_mask, positions = mask, torch.arange(ids.shape[1], device=device)[None]
-        else:
-            if seq.prefix not in self.model.names:
+    def _admit(self, sequences: list[Sequence]) -> None:
+        """Prefill the admitted sequences together, emit their first tokens, and merge their rows into the batch.
+
+        Prompts are left-padded to the longest; each row's prefix (none for the base) is right-aligned in a block as
+        wide as the longest prefix, its unused slots masked, so every row sees exactly what it sees alone.
+        """
+        ready = []
+        for seq in sequences:
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+            elif seq.prefix is not None and seq.prefix not in self.model.names:
                 seq.finish_reason = "error"
                 seq.emit("error", 404, f"the model {seq.prefix!r} was removed")
-                return
-            key_values, full_mask, positions = self.model._prefixed_inputs(ids, mask, [seq.prefix])
-            cache = generation_cache(key_values, self.model.config)
-        if seq.params.seed is not None:
-            seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
-        logits = self._forward(ids, full_mask, positions, cache)
-        token = self._sample([seq], logits)[0]
-        if self._record(seq, token):
+            else:
+                ready.append(seq)
+        if not ready:
             return
-        self._merge(seq, cache, full_mask, positions[:, -1] + 1, token)
+        device, model = self.model.device, self.model
+        configs = [model.prefix_config(s.prefix) if s.prefix is not None else None for s in ready]
+        longest = max([c.pre_seq_len for c in configs if c is not None], default=0)
+        width = max(len(s.prompt_ids) for s in ready)
+        ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(ready), longest + width, dtype=torch.long, device=device)
+        offsets = torch.zeros(len(ready), 1, dtype=torch.long, device=device)
+        flat = torch.zeros(len(ready), longest, configs_width(model), device=device) if longest else None
+        for row, (seq, config) in enumerate(zip(ready, configs)):
+            n = len(seq.prompt_ids)
+            ids[row, width - n:] = torch.tensor(seq.prompt_ids, device=device)
+            mask[row, longest + width - n:] = 1
+            if config is not None:
+                mask[row, longest - config.pre_seq_len: longest] = 1
+                flat[row, longest - config.pre_seq_len:] = model.prefix_weights(seq.prefix)
+                offsets[row] = config.pre_seq_len if config.position_offset else 0
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
+        positions = (mask[:, longest:].cumsum(-1) - 1).clamp(min=0) + offsets
+        if longest:
+            any_config = next(c for c in configs if c is not None)
+            cache = generation_cache(split_key_values(flat, any_config, len(ready), _activation_dtype(model.base)),
+                                     model.config)
+        else:
+            cache = DynamicCache(config=model.config)
+        logits = self._forward(ids, mask, positions, cache)
+        tokens = self._sample(ready, logits)
+        keep = [i for i, (seq, token) in enumerate(zip(ready, tokens)) if not self._record(seq, token)]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=device)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self._merge([ready[i] for i in keep], cache, mask[index], positions[index, -1] + 1,
+                    torch.tensor([tokens[i] for i in keep], device=device))
 
-    def _merge(self, seq, cache, mask, next_position, token) -> None:
+    def _merge(self, sequences, cache, mask, next_positions, tokens) -> None:
+        """Append prefilled rows to the running batch, left-padding whichever side has fewer columns."""
         if self._cache is None:
-            self.rows, self._cache, self._mask = [seq], cache, mask
-            self._positions, self._last = next_position, torch.tensor([token], device=mask.device)
+            self.rows, self._cache, self._mask = list(sequences), cache, mask
+            self._positions, self._last = next_positions, tokens
             return
         width = max(self._mask.shape[1], mask.shape[1])
 
@@ -196,9 +226,9 @@ class Engine:
             mine.keys = torch.cat([left_pad(mine.keys, -2), left_pad(theirs.keys, -2)])
             mine.values = torch.cat([left_pad(mine.values, -2), left_pad(theirs.values, -2)])
         self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)])
-        self._positions = torch.cat([self._positions, next_position])
-        self._last = torch.cat([self._last, torch.tensor([token], device=self._last.device)])
-        self.rows.append(seq)
+        self._positions = torch.cat([self._positions, next_positions])
+        self._last = torch.cat([self._last, tokens])
+        self.rows += sequences
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -262,6 +292,14 @@ class Engine:
             seq.emit("done", seq.finish_reason)
             return True
         return False
+
+
+def configs_width(model) -> int:
+    """Width of one flat prefix row for this base: keys and values of every layer."""
+    from .prefix import model_geometry
+
+    g = model_geometry(model.config)
+    return g["num_layers"] * 2 * g["num_kv_heads"] * g["head_dim"]
 
 
 def _stable(text: str, stops: tuple[str, ...]) -> str:

@@ -338,9 +338,8 @@ def test_engine_rows_joining_mid_batch_equal_solo_generation(arch):
     models = ["support", "legal", None, "legal", "support", None]
     sequences = [Sequence(p, m, SamplingParams(max_tokens=6 + i, temperature=0)) for i, (p, m) in
                  enumerate(zip(prompts, models))]
-    for i, seq in enumerate(sequences):  # one joins before each step: every row meets a batch of other lengths
-        engine.submit([seq])
-        engine._admit(engine.waiting.popleft())
+    for group in ([0], [1, 2], [3], [4, 5]):  # prefilled together, then joining a batch of other lengths
+        engine._admit([sequences[i] for i in group])
         engine._step()
     while engine.rows:
         engine._step()
