@@ -18,7 +18,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason="headless browser test needs Debian's chromium: apt-get install -y chromium")
 
 
@@ -31,8 +31,9 @@ def page_server(files):  # noqa: F811
         yield url, app.state.service
 
 
+@needs_chromium
 def test_chat_page_streams_regenerates_clears_and_compares(page_server, files, tmp_path, monkeypatch):  # noqa: F811
-    playwright = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api as playwright
     url, service = page_server
     slow_down(monkeypatch, service.engine, 0.015)  # 15 ms a token, so the browser can see the reply grow
     text = "hello there"
@@ -99,3 +100,16 @@ def test_chat_page_streams_regenerates_clears_and_compares(page_server, files, t
             browser.close()
     assert min((tmp_path / f).stat().st_size for f in ("chat.png", "compare.png")) > 10_000
     assert outside == [], f"the page reached outside the server: {outside}"
+
+
+def test_with_an_api_key_the_page_asks_for_it_as_password(files):  # noqa: F811
+    import httpx
+
+    app, _ = build(["--model_name_or_path", files[0], "--web", "--api_key", "k1"])
+    with running(app) as url:
+        assert httpx.get(url + "/config").status_code == 401
+        assert httpx.post(url + "/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        with httpx.Client() as browser:
+            assert browser.post(url + "/login", data={"username": "me", "password": "k1"}).status_code == 200
+            assert browser.get(url + "/config").status_code == 200
+        assert httpx.get(url + "/v1/models").status_code == 401
