@@ -38,6 +38,10 @@ def _params(max_tokens, temperature, top_p, seed) -> SamplingParams:
                           seed=None if seed in (None, "", -1) else int(seed))
 
 
+def prefix_label(name) -> str:
+    return f"With the prefix ({name})" if name else "With the prefix"
+
+
 def build_page(service):
     """The ``gr.Blocks`` page for a ``ptuning.server.Service``."""
     import gradio as gr
@@ -152,7 +156,7 @@ def build_page(service):
             compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
             with gr.Row():
                 base_reply = gr.Textbox(label=f"Base ({service.base_name})", lines=8, elem_id="base-reply")
-                prefix_reply = gr.Textbox(label="With the prefix", lines=8, elem_id="prefix-reply")
+                prefix_reply = gr.Textbox(label=prefix_label(compare_prefix.value), lines=8, elem_id="prefix-reply")
 
         for trigger in (send_button.click, message.submit):
             trigger(send, [message, chatbot, model, *knobs], [chatbot, message])
@@ -160,6 +164,8 @@ def build_page(service):
         clear_button.click(lambda: [], None, [chatbot], queue=False)
         for trigger in (compare_button.click, compare_message.submit):
             trigger(compare, [compare_message, compare_prefix, *knobs], [base_reply, prefix_reply])
+        compare_prefix.change(lambda name: gr.Textbox(label=prefix_label(name)), compare_prefix, prefix_reply,
+                              queue=False)
         page.load(refresh, None, [model, compare_prefix], queue=False)  # prefixes added through the admin API
     return page
 
