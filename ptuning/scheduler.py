@@ -1,16 +1,17 @@
 """Continuous batching over a ``MultiPrefixModel``: requests join and leave the running batch at step boundaries.
 
-One engine thread owns the model. Each request is prefilled alone (batch 1, its own prefix as the cache's first
-``pre_seq_len`` slots, exactly as ``MultiPrefixModel.generate`` starts), then its cache row is left-padded and
-concatenated into the running batch, which decodes one token per row per step:
+One engine thread owns the model. New requests are prefilled with their own prefix as the cache's first slots (as
+``MultiPrefixModel.generate`` starts), then their cache rows are left-padded and concatenated into the running
+batch, which decodes one token per row per step:
 
     cache keys/values  [rows, kv_heads, columns, head_dim]   (columns = padding | prefix | prompt | generated)
     mask               [rows, columns]                        (0 on each row's left padding)
     positions          [rows]                                 (each row's next position id, kept per row)
 
 Finished, stopped or cancelled rows are dropped from the batch after the step that finished them, and columns that
-are padding in every remaining row are trimmed. Greedy rows therefore get the tokens they get alone.
-Events go back to the caller through ``Sequence.emit`` (called from the engine thread):
+are padding in every remaining row are trimmed. Requests admitted at the same step are prefilled together
+(left-padded; each prefix right-aligned in front of its prompt, unused slots masked). Greedy rows therefore get the
+tokens they get alone. Events go back to the caller through ``Sequence.emit`` (called from the engine thread):
 ``("delta", text)``, ``("done", finish_reason)`` or ``("error", status, message)``.
 """
 
@@ -177,7 +178,8 @@ class Engine:
         ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros(len(ready), longest + width, dtype=torch.long, device=device)
         offsets = torch.zeros(len(ready), 1, dtype=torch.long, device=device)
-        flat = torch.zeros(len(ready), longest, configs_width(model), device=device) if longest else None
+        prefixed = next((c for c in configs if c is not None), None)
+        flat = torch.zeros(len(ready), longest, prefixed.prefix_width, device=device) if longest else None
         for row, (seq, config) in enumerate(zip(ready, configs)):
             n = len(seq.prompt_ids)
             ids[row, width - n:] = torch.tensor(seq.prompt_ids, device=device)
@@ -190,8 +192,7 @@ class Engine:
                 seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
         positions = (mask[:, longest:].cumsum(-1) - 1).clamp(min=0) + offsets
         if longest:
-            any_config = next(c for c in configs if c is not None)
-            cache = generation_cache(split_key_values(flat, any_config, len(ready), _activation_dtype(model.base)),
+            cache = generation_cache(split_key_values(flat, prefixed, len(ready), _activation_dtype(model.base)),
                                      model.config)
         else:
             cache = DynamicCache(config=model.config)
@@ -292,14 +293,6 @@ class Engine:
             seq.emit("done", seq.finish_reason)
             return True
         return False
-
-
-def configs_width(model) -> int:
-    """Width of one flat prefix row for this base: keys and values of every layer."""
-    from .prefix import model_geometry
-
-    g = model_geometry(model.config)
-    return g["num_layers"] * 2 * g["num_kv_heads"] * g["head_dim"]
 
 
 def _stable(text: str, stops: tuple[str, ...]) -> str:
