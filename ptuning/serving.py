@@ -76,6 +76,10 @@ class MultiPrefixModel(nn.Module):
     def remove_prefix(self, name: str) -> None:
         self._prefixes.pop(name)
 
+    def prefix_weights(self, name: str) -> torch.Tensor:
+        """The flat fp32 prefix ``[pre_seq_len, num_layers * 2 * kv_dim]`` of a loaded prefix (for schedulers)."""
+        return self._prefixes[name][1]
+
     def _row_names(self, prefix_ids, batch_size: int) -> list[str]:
         if prefix_ids is None:
             raise UserError(f"prefix_ids is required: one of {self.names} per row")
