@@ -43,6 +43,18 @@ def _plan(argv):
     return run_plan(argv)
 
 
+def _serve(argv):
+    from .server import run_serve
+
+    return run_serve(argv)
+
+
+def _web(argv):
+    from .server import run_web
+
+    return run_web(argv)
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[list[str]], object]
@@ -81,6 +93,9 @@ COMMANDS = {
                      ("Conversation", ("system_prompt", "history_file", "max_source_length", "seed")),
                      ("Generation", SAMPLING_FLAGS))),
     "convert": Command(_convert, "convert prefix checkpoints: ChatGLM P-tuning -> ours, PEFT prefix tuning <-> ours"),
+    "serve": Command(_serve, "an OpenAI-compatible server: the base and many prefixes on it, batched together "
+                             "(--web adds the chat page)"),
+    "web": Command(_web, "the same server with a Gradio chat page at / (pick a prefix, compare it with the base)"),
     "plan": Command(_plan, "predict a training run's peak GPU memory from its flags, without loading weights "
                            "(exit 1 when it does not fit --gpu_memory)",
                     (("Model", ("model_name_or_path", "torch_dtype", "quantization_bit", "quant_type", "double_quant",

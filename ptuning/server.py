@@ -432,7 +432,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def serve_parser(prog: str = "serve") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="OpenAI-compatible server: one base model and its prefixes, batched together.")
+    p = _Parser(prog=prog, usage=f"python main.py {prog} --model_name_or_path BASE [--prefix NAME=DIR ...] [FLAGS]",
+                description="OpenAI-compatible server: one base model and its prefixes, batched together.")
     p.add_argument("--model_name_or_path", required=True, help="the base model (directory or hub id)")
     p.add_argument("--prefix", action="append", default=[], metavar="NAME=DIR",
                    help="a prefix checkpoint served as model NAME (repeatable)")
