@@ -55,6 +55,10 @@ class MultiPrefixModel(nn.Module):
     def prefix_config(self, name: str) -> PrefixConfig:
         return self._prefixes[name][0]
 
+    def prefix_entry(self, name: str) -> tuple[PrefixConfig, torch.Tensor]:
+        """(config, flat fp32 prefix ``[pre_seq_len, prefix_width]``) of a loaded prefix (for ptuning.decode)."""
+        return self._prefixes[name]
+
     @torch.no_grad()
     def add_prefix(self, name: str, source: "str | PrefixTunedModel") -> None:
         """Add a prefix from a checkpoint directory or an in-memory ``PrefixTunedModel`` (its current weights)."""
