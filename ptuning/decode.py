@@ -177,6 +177,16 @@ def _prefix_batch(model, input_ids, attention_mask, prefix_ids):
     return base, None, attention_mask[:, :0], positions
 
 
+def _decodable(model) -> bool:
+    """A prefix wrapper or a transformers causal LM (anything else only has its own ``generate``)."""
+    from transformers import PreTrainedModel
+
+    from .model import PrefixTunedModel
+    from .serving import MultiPrefixModel
+
+    return isinstance(model, (PrefixTunedModel, MultiPrefixModel, PreTrainedModel))
+
+
 def _fast_path_config(model, kwargs: dict):
     """The merged GenerationConfig when this call is greedy one-beam decoding the loop reproduces, else None."""
     if set(kwargs) - HANDLED - CALL_OPTIONS:
@@ -208,7 +218,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    config = _fast_path_config(model, kwargs)
+    config = _fast_path_config(model, kwargs) if _decodable(model) else None
     if config is None:
         extra = {} if prefix_ids is None else {"prefix_ids": prefix_ids}
         return model.generate(input_ids, attention_mask=attention_mask, **extra, **kwargs)

@@ -150,3 +150,19 @@ def test_static_cache_is_preallocated_and_seeded_with_the_prefix():
     assert torch.equal(layer.keys[:, :, :5], kv[0][0]) and not layer.keys[:, :, 5:].any()
     keys, _ = layer.update(torch.ones(2, 2, 3, 8), torch.ones(2, 2, 3, 8))
     assert keys.shape[-2] == 8 and keys.data_ptr() == layer.keys.data_ptr()  # a view of the buffer, no copy
+
+
+def test_replies_and_chat_use_the_fast_path_with_the_same_text():
+    from ptuning.chat import chat
+    from ptuning.infer import generate_replies
+    from tiny_models import CHATML, make_tokenizer
+
+    tokenizer = make_tokenizer(CHATML)
+    model = prefixed("qwen2")
+    model.base.generation_config.eos_token_id = tokenizer.eos_token_id
+    conversations = [[{"role": "user", "content": text}] for text in ("hi", "a longer question?", "ok")]
+    fast = generate_replies(model, tokenizer, conversations, max_new_tokens=8, batch_size=2)
+    assert fast == generate_replies(model, tokenizer, conversations, max_new_tokens=8, batch_size=2, fast=False)
+    assert any(fast)
+    reply, _ = chat(model, tokenizer, "hi", max_new_tokens=8)
+    assert reply == fast[0]
