@@ -6,7 +6,10 @@ on the bare base, against the machine's limits measured in the same run.
     python bench/generate.py --config chatglm3-6b --dtype bf16 --pre_seq_len 128 --new_tokens 128 --batches 1,8,32
 
 Every run uses the same random weights and prompts and generates exactly ``--new_tokens`` tokens (``min_new_tokens``),
-and the fast loop's ids must equal ``generate()``'s (the script fails otherwise). A decode step reads every matmul
+and the fast loop's ids must equal ``generate()``'s (the script fails otherwise). ``decode tokens/s`` is the decode
+steps alone: the time of a run with ``--new_tokens`` minus that of a run with 1 (prompt prefill and first token),
+over ``--new_tokens - 1`` steps; ``with prefill`` divides all tokens by the whole run. Paths run interleaved, and on a
+1-thread CPU run they are timed by this process's CPU time, so other jobs on a shared machine inflate them less. A decode step reads every matmul
 weight once plus each row's cached keys/values: ``bytes/s`` is that count times steps per second, against the memory
 read bandwidth measured here (the batch-1 roof); ``GFLOP/s`` is 2 FLOPs per weight per row plus attention, against the
 matmul peak measured here on the model's own shapes at the same row count (the large-batch roof).
@@ -23,28 +26,31 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from limits import bandwidth, decode_step_bytes, decode_step_flops, matmul_params, matmul_peak  # noqa: E402
+from limits import bandwidth, clock, clock_name, decode_step_bytes, decode_step_flops, matmul_params, matmul_peak  # noqa: E402
 from tables import markdown_table, ratio, versions  # noqa: E402
 from train_step import GEOMETRIES, build_config  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def timed(fn, repeats: int, device) -> tuple[float, object]:
-    """(median seconds, last result) of ``fn()`` after one warm-up call."""
+def timed_round_robin(fns: dict, repeats: int, device) -> dict:
+    """{name: (median seconds, last result)}: every ``fn`` once to warm up, then ``repeats`` rounds of each in turn
+    (interleaved, so drift in the machine's load hits every path alike), timed by ``limits.clock``."""
     import torch
 
-    result = fn()
-    times = []
+    now = clock(device)
+    results = {name: fn() for name, fn in fns.items()}
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = now()
+            results[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(now() - t0)
+    return {name: (statistics.median(times[name]), results[name]) for name in fns}
 
 
 def build(config_spec: str, dtype_name: str, pre_seq_len: int, device, weights: bool = False):
@@ -82,7 +88,7 @@ def measure(args: dict) -> dict:
     elt = torch.finfo(dtype).bits // 8
     bw = bandwidth(device, args.get("megabytes", 256), args["repeats"])
     weight_bytes = matmul_params(config) * elt
-    kw = dict(max_new_tokens=args["new_tokens"], min_new_tokens=args["new_tokens"], do_sample=False, pad_token_id=0)
+    new = args["new_tokens"]
     modes = args["modes"]
     results = []
     for b in args["batches"]:
@@ -93,39 +99,47 @@ def measure(args: dict) -> dict:
         cells = {}
         for prefixed in (False, True):
             target = model if prefixed else base
-            context = (args["pre_seq_len"] if prefixed else 0) + args["prompt_len"] + args["new_tokens"] / 2
+            context = (args["pre_seq_len"] if prefixed else 0) + args["prompt_len"] + new / 2
             step_bytes = decode_step_bytes(config, weight_bytes, b, int(context), elt)
             step_flops = decode_step_flops(config, b, int(context))
-            paths = [("generate()", lambda: target.generate(ids, attention_mask=mask, **kw))]
-            paths += [(f"fast {m}", lambda m=m: decode.generate(target, ids, mask, mode=m, **kw)) for m in modes]
-            reference = None
-            for path, fn in paths:
-                with torch.no_grad():
-                    seconds, out = timed(fn, args["repeats"], device)
-                if reference is None:
-                    reference = out
-                elif not torch.equal(out, reference):
+            paths = {}
+            for n in (1, new):  # the prefill + first token alone, then with new - 1 decode steps more
+                kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                paths[("generate()", n)] = lambda kw=kw: target.generate(ids, attention_mask=mask, **kw)
+                paths.update({(f"fast {m}", n): (lambda m=m, kw=kw: decode.generate(target, ids, mask, mode=m, **kw))
+                              for m in modes})
+            with torch.no_grad():
+                timings = timed_round_robin(paths, args["repeats"], device)
+            reference = timings[("generate()", new)][1]
+            for path in ["generate()"] + [f"fast {m}" for m in modes]:
+                total, out = timings[(path, new)]
+                if not torch.equal(out, reference):
                     raise SystemExit(f"batch {b} {path}: ids differ from generate()'s")
-                steps_per_s = args["new_tokens"] / seconds
-                cells[(path, prefixed)] = seconds
-                results.append(dict(batch=b, path=path, prefix=prefixed, seconds=seconds,
-                                    tokens_per_s=b * steps_per_s, bytes_per_s=step_bytes * steps_per_s,
-                                    flops_per_s=step_flops * steps_per_s, peak=peak,
+                steps = max(total - timings[(path, 1)][0], 1e-9) / (new - 1)  # one decode step, prefill excluded
+                print(f"batch {b} {path} {'prefix' if prefixed else 'base'}: {b / steps:.1f} decode tokens/s",
+                      file=sys.stderr, flush=True)
+                cells[(path, prefixed)] = steps
+                results.append(dict(batch=b, path=path, prefix=prefixed, seconds=steps, tokens_per_s=b / steps,
+                                    end_to_end=b * new / total, bytes_per_s=step_bytes / steps,
+                                    flops_per_s=step_flops / steps, peak=peak,
                                     bound_tokens_per_s=b * bw["read"] / step_bytes))
         for r in results:
             if r["batch"] == b:
                 r["vs_generate"] = cells[("generate()", r["prefix"])] / r["seconds"]
                 r["prefix_cost"] = r["seconds"] / cells[(r["path"], False)] if r["prefix"] else 1.0
-    return dict(bandwidth=bw, weight_bytes=weight_bytes, rows=results, device=device.type, config=config)
+    return dict(bandwidth=bw, weight_bytes=weight_bytes, rows=results, device=device.type, config=config,
+                clock=clock_name(device))
 
 
 def table(measured: dict) -> str:
     rows = [[str(r["batch"]), r["path"], "prefix" if r["prefix"] else "base", f"{r['tokens_per_s']:.1f}",
-             f"{r['vs_generate']:.2f}x", f"{r['prefix_cost']:.2f}x", f"{r['bytes_per_s'] / 1e9:.1f}",
+             f"{r['end_to_end']:.1f}",
+             f"{r['vs_generate']:.2f}x", f"{r['prefix_cost']:.2f}x", f"{r['bytes_per_s'] / 1e9:.3g}",
              ratio(r["bytes_per_s"], measured["bandwidth"]["read"]), f"{r['bound_tokens_per_s']:.1f}",
-             f"{r['flops_per_s'] / 1e9:.1f}", ratio(r["flops_per_s"], r["peak"])]
+             f"{r['flops_per_s'] / 1e9:.3g}", ratio(r["flops_per_s"], r["peak"])]
             for r in measured["rows"]]
-    return markdown_table(["batch", "path", "model", "tokens/s", "speed vs generate()", "time vs base",
+    return markdown_table(["batch", "path", "model", "decode tokens/s", "with prefill tokens/s",
+                           "step speed vs generate()", "step time vs base",
                            "GB/s read", "of bandwidth", "bandwidth-bound tokens/s", "GFLOP/s", "of matmul peak"], rows)
 
 
@@ -166,7 +180,8 @@ def main(argv=None) -> int:
     measured = measure(args)
     bw = measured["bandwidth"]
     lines = [f"config={a.config} device={measured['device']} dtype={a.dtype} prompt={a.prompt_len} "
-             f"new={a.new_tokens} pre_seq_len={a.pre_seq_len} threads={a.threads} repeats={a.repeats} (medians)",
+             f"new={a.new_tokens} pre_seq_len={a.pre_seq_len} threads={a.threads} repeats={a.repeats} (medians, paths "
+             f"interleaved; clock: {measured['clock']})",
              f"limits measured in this run: memory read {bw['read'] / 1e9:.1f} GB/s (copy {bw['copy'] / 1e9:.1f}); "
              f"matmul weights {measured['weight_bytes'] / 2**20:.0f} MiB read per decode step; matmul peak per batch "
              f"size in the 'of matmul peak' column", "", table(measured), ""]

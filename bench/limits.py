@@ -28,17 +28,32 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device):
+    """The timer the benchmarks use: this process's CPU time on a CPU run with one thread (what the work cost,
+    whatever other processes on a shared machine take from the cores meanwhile), wall time otherwise."""
+    import torch
+
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
+def clock_name(device) -> str:
+    return "CPU time of this process (1 thread)" if clock(device) is time.process_time else "wall time"
+
+
 def median_time(fn, device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds (device synchronised around each call)."""
+    """Median time of ``fn()`` in seconds by ``clock(device)`` (device synchronised around each call)."""
+    now = clock(device)
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times)
 
 
@@ -166,7 +181,7 @@ def main(argv=None) -> int:
     bw = bandwidth(device, a.megabytes, a.repeats)
     rows = [[str(r), f"{matmul_peak(config, r, dtype, device, a.repeats) / 1e9:.1f}"]
             for r in (int(x) for x in a.rows.split(","))]
-    print(f"config={a.config} device={device.type} dtype={a.dtype} threads={a.threads} "
+    print(f"config={a.config} device={device.type} dtype={a.dtype} threads={a.threads} clock: {clock_name(device)}; "
           f"matmul weights={matmul_params(config) / 1e6:.1f}M; memory read {gb(bw['read'])} GB/s, "
           f"copy {gb(bw['copy'])} GB/s ({a.megabytes} MiB buffers)\n")
     print(markdown_table(["rows", "matmul GFLOP/s (model's shapes)"], rows))

@@ -240,15 +240,18 @@ def run_variant(name: str, args: dict, queue) -> None:
     first_loss = one(batch)
     for _ in range(args["warmup"]):
         one(batch)
+    from limits import clock
+
+    now = clock(device)  # CPU time of this process on a 1-thread CPU run: robust to other jobs on a shared machine
     start, peak = peak_probe(device)
     base_bytes = start()
     times = []
     for _ in range(args["steps"]):
-        t0 = time.perf_counter()
+        t0 = now()
         one(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     queue.put(dict(name=name, first_loss=first_loss, median=statistics.median(times), min=min(times),
                    peak=peak(base_bytes), tokens=b * (s + t)))
 
@@ -394,7 +397,7 @@ def table(results: list[dict], args: dict, peak: float | None = None) -> str:
             name = "peft (no GC)"
             notes.append("peft runs without gradient checkpointing: transformers 5 drops PEFT's past_key_values "
                          "inside checkpointed layers and its attention then fails on the prefix-length mask.")
-        achieved = [f"{flops / r['median'] / 1e9:.1f}", ratio(flops / r["median"], peak)] if peak else []
+        achieved = [f"{flops / r['median'] / 1e9:.3g}", ratio(flops / r["median"], peak)] if peak else []
         rows.append([name, f"{r['median']:.4f}", f"{r['min']:.4f}", f"{r['tokens'] / r['median']:.0f}",
                      f"{r['peak'] / 2**20:.1f}", ratio(r["median"], ref["median"]), ratio(r["peak"], ref["peak"]),
                      *achieved, f"{r['first_loss']:.6f}"])

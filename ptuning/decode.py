@@ -17,8 +17,8 @@ Modes: ``eager`` (every step attends to exactly the filled columns, views of the
 computes); ``static`` (every step sees the full buffers and a ``[batch, 1, 1, max_len]`` mask, so its shapes never
 change: the form ``torch.compile`` and CUDA graphs need); ``compile`` (static, with the step under
 ``torch.compile``); ``cuda_graph`` (static, the step captured once per call and replayed; falls back to ``static``
-if capture fails). ``auto`` is ``cuda_graph`` on CUDA and ``eager`` elsewhere (on CPU neither compile nor graphs pay;
-see docs/performance.md).
+if capture fails). ``auto`` is ``cuda_graph`` on CUDA (for a base that is not 4/8-bit quantized) and ``eager`` elsewhere (on CPU the
+step is bound by reading the weights, and neither compile nor graphs pay; see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -240,8 +240,9 @@ def greedy_decode(model, input_ids, attention_mask, config: GenerationConfig, *,
     gets ``pad_token_id`` from then on, and the loop ends when every row has, or after ``max_new_tokens``."""
     base, kv, prefix_mask, positions = _prefix_batch(model, input_ids, attention_mask, prefix_ids)
     device = input_ids.device
-    if mode == "auto":
-        mode = "cuda_graph" if device.type == "cuda" else "eager"
+    if mode == "auto":  # graphs only for plain weights: a 4/8-bit base's kernels are not known to be capturable
+        quantized = getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None
+        mode = "cuda_graph" if device.type == "cuda" and not quantized else "eager"
     batch, prompt_len = input_ids.shape
     new = config.max_new_tokens
     plen = prefix_mask.shape[1]
