@@ -8,7 +8,9 @@ on the bare base, against the machine's limits measured in the same run.
 Every run uses the same random weights and prompts and generates exactly ``--new_tokens`` tokens (``min_new_tokens``),
 and the fast loop's ids must equal ``generate()``'s (the script fails otherwise). ``decode tokens/s`` is the decode
 steps alone: the time of a run with ``--new_tokens`` minus that of a run with 1 (prompt prefill and first token),
-over ``--new_tokens - 1`` steps; ``with prefill`` divides all tokens by the whole run. Paths run interleaved, and on a
+over ``--new_tokens - 1`` steps; ``with prefill`` divides all tokens by the whole run. ``model's matmuls alone /
+step`` is the time of the model's own matmul layers applied to the batch's rows, nothing else, over a step's time:
+near 1, the step is its matmul kernels (and their bandwidth), not Python or cache overhead. Paths run interleaved, and on a
 1-thread CPU run they are timed by this process's CPU time, so other jobs on a shared machine inflate them less. A decode step reads every matmul
 weight once plus each row's cached keys/values: ``bytes/s`` is that count times steps per second, against the memory
 read bandwidth measured here (the batch-1 roof); ``GFLOP/s`` is 2 FLOPs per weight per row plus attention, against the
@@ -26,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from limits import bandwidth, clock, clock_name, decode_step_bytes, decode_step_flops, matmul_params, matmul_peak  # noqa: E402
+from limits import bandwidth, clock, clock_name, decode_step_bytes, linear_only_seconds, decode_step_flops, matmul_params, matmul_peak  # noqa: E402
 from tables import markdown_table, ratio, versions  # noqa: E402
 from train_step import GEOMETRIES, build_config  # noqa: E402
 
@@ -93,6 +95,7 @@ def measure(args: dict) -> dict:
     results = []
     for b in args["batches"]:
         peak = matmul_peak(config, b, dtype, device, args["repeats"])
+        matmuls = linear_only_seconds(base, b, device, args["repeats"])
         ids = torch.randint(3, config.vocab_size, (b, args["prompt_len"]), generator=torch.Generator().manual_seed(b))
         ids = ids.to(device)
         mask = torch.ones_like(ids)
@@ -121,7 +124,7 @@ def measure(args: dict) -> dict:
                 cells[(path, prefixed)] = steps
                 results.append(dict(batch=b, path=path, prefix=prefixed, seconds=steps, tokens_per_s=b / steps,
                                     end_to_end=b * new / total, bytes_per_s=step_bytes / steps,
-                                    flops_per_s=step_flops / steps, peak=peak,
+                                    flops_per_s=step_flops / steps, peak=peak, matmuls=matmuls,
                                     bound_tokens_per_s=b * bw["read"] / step_bytes))
         for r in results:
             if r["batch"] == b:
@@ -136,11 +139,12 @@ def table(measured: dict) -> str:
              f"{r['end_to_end']:.1f}",
              f"{r['vs_generate']:.2f}x", f"{r['prefix_cost']:.2f}x", f"{r['bytes_per_s'] / 1e9:.3g}",
              ratio(r["bytes_per_s"], measured["bandwidth"]["read"]), f"{r['bound_tokens_per_s']:.1f}",
-             f"{r['flops_per_s'] / 1e9:.3g}", ratio(r["flops_per_s"], r["peak"])]
+             f"{r['flops_per_s'] / 1e9:.3g}", ratio(r["flops_per_s"], r["peak"]), ratio(r["matmuls"], r["seconds"])]
             for r in measured["rows"]]
     return markdown_table(["batch", "path", "model", "decode tokens/s", "with prefill tokens/s",
                            "step speed vs generate()", "step time vs base",
-                           "GB/s read", "of bandwidth", "bandwidth-bound tokens/s", "GFLOP/s", "of matmul peak"], rows)
+                           "GB/s read", "of bandwidth", "bandwidth-bound tokens/s", "GFLOP/s", "of matmul peak",
+                           "model's matmuls alone / step"], rows)
 
 
 def targets(measured: dict, path: str) -> list[str]:

@@ -100,6 +100,24 @@ def matmul_peak(config, rows: int, dtype, device, repeats: int = 5) -> float:
     return 2 * rows * matmul_params(config) / seconds
 
 
+def linear_only_seconds(model, rows: int, device, repeats: int = 5) -> float:
+    """Time of every matmul layer of ``model`` (its own, distinct weights) applied once to ``rows`` rows: a decode
+    step's matmuls alone, streaming the real weights through the same kernels; a step can be no faster."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    dtype = next(model.parameters()).dtype
+    width = {m: m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0] for m in layers}
+    inputs = {w: torch.randn(rows, w, dtype=dtype, device=device) for w in set(width.values())}
+
+    def run():
+        with torch.no_grad():
+            for m in layers:
+                m(inputs[width[m]])
+    return median_time(run, device, repeats)
+
+
 def bandwidth(device, megabytes: int = 256, repeats: int = 5) -> dict:
     """Memory bandwidth in bytes/s: ``read`` (summing a buffer larger than any cache, what streaming weights needs)
     and ``copy`` (reading one buffer and writing another, both counted)."""
