@@ -127,7 +127,7 @@ def named_prefix_key_values(model, name: str) -> list[tuple[torch.Tensor, torch.
     from .model import _activation_dtype
     from .prefix import split_key_values
 
-    config, flat = model.prefix_entry(name)
+    config, flat = model.prefix_config(name), model.prefix_weights(name)
     entries = _NAMED_KV.setdefault(model, {})
     hit = entries.get(name)
     if hit is None or hit[0] is not flat or hit[1] != flat._version:

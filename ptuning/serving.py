@@ -55,10 +55,6 @@ class MultiPrefixModel(nn.Module):
     def prefix_config(self, name: str) -> PrefixConfig:
         return self._prefixes[name][0]
 
-    def prefix_entry(self, name: str) -> tuple[PrefixConfig, torch.Tensor]:
-        """(config, flat fp32 prefix ``[pre_seq_len, prefix_width]``) of a loaded prefix (for ptuning.decode)."""
-        return self._prefixes[name]
-
     @torch.no_grad()
     def add_prefix(self, name: str, source: "str | PrefixTunedModel") -> None:
         """Add a prefix from a checkpoint directory or an in-memory ``PrefixTunedModel`` (its current weights)."""
@@ -79,6 +75,10 @@ class MultiPrefixModel(nn.Module):
 
     def remove_prefix(self, name: str) -> None:
         self._prefixes.pop(name)
+
+    def prefix_weights(self, name: str) -> torch.Tensor:
+        """The flat fp32 prefix ``[pre_seq_len, num_layers * 2 * kv_dim]`` of a loaded prefix (for schedulers)."""
+        return self._prefixes[name][1]
 
     def _row_names(self, prefix_ids, batch_size: int) -> list[str]:
         if prefix_ids is None:
