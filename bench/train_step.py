@@ -144,7 +144,8 @@ def build_model(impl: str, options: dict, args: dict, device):
     config = build_config(args["config"])
     config._attn_implementation = options.get("attn", "sdpa")
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.device(device):  # random init on the GPU when there is one: seconds instead of minutes for 6B
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     base.config.architectures = [type(base).__name__]
     if impl == "ours":
         from ptuning.model import attach_prefix
@@ -239,15 +240,18 @@ def run_variant(name: str, args: dict, queue) -> None:
     first_loss = one(batch)
     for _ in range(args["warmup"]):
         one(batch)
+    from limits import clock
+
+    now = clock(device)  # CPU time of this process on a 1-thread CPU run: robust to other jobs on a shared machine
     start, peak = peak_probe(device)
     base_bytes = start()
     times = []
     for _ in range(args["steps"]):
-        t0 = time.perf_counter()
+        t0 = now()
         one(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     queue.put(dict(name=name, first_loss=first_loss, median=statistics.median(times), min=min(times),
                    peak=peak(base_bytes), tokens=b * (s + t)))
 
@@ -355,26 +359,54 @@ def header(args: dict) -> str:
             f"threads={args['threads']}")
 
 
-def table(results: list[dict], args: dict) -> str:
+def step_flops(args: dict) -> int:
+    """FLOPs of one step by ``bench/limits.train_step_flops`` (4 N T, LM head on the target tokens only)."""
+    from limits import train_step_flops
+
+    return train_step_flops(build_config(args["config"]), args["batch"], args["source_len"] + args["target_len"],
+                            args["pre_seq_len"], args["target_len"])
+
+
+def matmul_roof(args: dict) -> float:
+    """FLOP/s of the model's own matmul shapes on one step's token rows, measured now (``bench/limits``)."""
+    import torch
+    from limits import matmul_peak
+
+    torch.set_num_threads(args["threads"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args["dtype"]]
+    rows = args["batch"] * (args["source_len"] + args["target_len"])
+    return matmul_peak(build_config(args["config"]), rows, dtype, torch.device(args["device"]), repeats=3)
+
+
+def table(results: list[dict], args: dict, peak: float | None = None) -> str:
+    """The variants' table; with ``peak`` (matmul FLOP/s on the same shapes) each row's achieved FLOP/s and share."""
     from tables import markdown_table, ratio
 
     ref = next(r for r in results if r["name"] == "peft")
     notes = []
     rows = []
+    flops = step_flops(args)
+    if peak:
+        notes.append(f"One step is {flops / 1e9:.2f} GFLOP (4 N T: forward + input-gradient backward of the frozen "
+                     f"base, LM head on target tokens only, attention included); the model's own matmul shapes on "
+                     f"{args['batch'] * (args['source_len'] + args['target_len'])} rows reach {peak / 1e9:.1f} "
+                     f"GFLOP/s here, measured in this run (bench/limits.py).")
     for r in results:
         name = r["name"]
         if name == "peft" and args["gc"]:
             name = "peft (no GC)"
             notes.append("peft runs without gradient checkpointing: transformers 5 drops PEFT's past_key_values "
                          "inside checkpointed layers and its attention then fails on the prefix-length mask.")
+        achieved = [f"{flops / r['median'] / 1e9:.3g}", ratio(flops / r["median"], peak)] if peak else []
         rows.append([name, f"{r['median']:.4f}", f"{r['min']:.4f}", f"{r['tokens'] / r['median']:.0f}",
                      f"{r['peak'] / 2**20:.1f}", ratio(r["median"], ref["median"]), ratio(r["peak"], ref["peak"]),
-                     f"{r['first_loss']:.6f}"])
+                     *achieved, f"{r['first_loss']:.6f}"])
     if args["prefix_projection"]:
         notes.append("With --prefix_projection PEFT's MLP takes kv_dim-wide embeddings (ours: hidden_size-wide, as "
                      "ChatGLM), so its weights differ and step-1 losses are checked against ours.")
     body = markdown_table(["variant", "step median (s)", "step min (s)", "train tokens/s", "peak mem (MiB)",
-                           "time vs PEFT", "mem vs PEFT", "step-1 loss"], rows)
+                           "time vs PEFT", "mem vs PEFT", *(["GFLOP/s", "of matmul peak"] if peak else []),
+                           "step-1 loss"], rows)
     return "\n".join([header(args), *notes, "", body])
 
 
@@ -438,7 +470,7 @@ def main(argv=None) -> int:
     if "ours-proj-per-row" in names and not a.prefix_projection:
         p.error("ours-proj-per-row needs --prefix_projection")
     results = measure(args, names)
-    text = table(results, args)
+    text = table(results, args, matmul_roof(args))
     mixed = measure(args, MIXED_VARIANTS) if a.length_grouping else []
     if mixed:
         text += "\n\n" + mixed_table(mixed, args)

@@ -23,7 +23,7 @@ import torch
 
 from .data import encode_prompt
 from .errors import UserError
-from .infer import generation_kwargs, generation_options
+from .infer import generate_ids, generation_kwargs, generation_options
 
 EXIT_COMMANDS = ("exit", "quit", "stop")
 CLEAR_COMMAND = "clear"
@@ -56,8 +56,8 @@ def stream_chat(model, tokenizer, query: str, history=None, *, system: str | Non
 
     def generate():
         try:
-            result["output"] = model.generate(input_ids, torch.ones_like(input_ids), streamer=streamer,
-                                              **generation_kwargs(tokenizer, max_new_tokens, **gen))
+            result["output"] = generate_ids(model, input_ids, torch.ones_like(input_ids), streamer=streamer,
+                                            **generation_kwargs(tokenizer, max_new_tokens, **gen))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             result["error"] = e
             streamer.end()

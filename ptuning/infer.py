@@ -37,11 +37,23 @@ def generation_options(data_args, num_beams: int | None = None) -> dict:
     return options
 
 
+def generate_ids(model, input_ids, attention_mask, fast: bool = True, **kwargs):
+    """``model.generate``'s ids; greedy one-beam calls go through ``ptuning.decode``'s static-cache loop (same ids,
+    faster) unless ``fast=False``, which keeps ``generate()`` itself (the reference the decode tests compare to)."""
+    if fast:
+        from .decode import generate
+
+        return generate(model, input_ids, attention_mask, **kwargs)
+    return model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+
+
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_source_length: int = 512,
-                     max_new_tokens: int = 64, batch_size: int = 8, prefix_ids=None, **gen) -> list[str]:
+                     max_new_tokens: int = 64, batch_size: int = 8, prefix_ids=None, fast: bool = True,
+                     **gen) -> list[str]:
     """Reply to each conversation (its last turn is the user's), ``batch_size`` prompts per generate() call.
 
-    With a ``ptuning.serving.MultiPrefixModel``, ``prefix_ids`` names each conversation's prefix.
+    With a ``ptuning.serving.MultiPrefixModel``, ``prefix_ids`` names each conversation's prefix. ``fast=False``
+    decodes with ``generate()`` instead of ``ptuning.decode`` (same greedy text).
     """
     was_training = model.training
     model.eval()
@@ -54,8 +66,8 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_sour
         if prefix_ids is not None:
             gen["prefix_ids"] = [prefix_ids] * len(chunk) if isinstance(prefix_ids, str) else \
                 list(prefix_ids[start : start + batch_size])
-        out = model.generate(batch["input_ids"], batch["attention_mask"],
-                             **generation_kwargs(tokenizer, max_new_tokens, **gen))
+        out = generate_ids(model, batch["input_ids"], batch["attention_mask"], fast,
+                           **generation_kwargs(tokenizer, max_new_tokens, **gen))
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         replies += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     model.train(was_training)

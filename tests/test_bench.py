@@ -64,12 +64,58 @@ def test_train_step_gc_projection_per_row_and_length_grouping():
     assert abs(grouped["loss"] - random["loss"]) <= 1e-4 * random["loss"]  # batching does not change the loss
 
 
-def test_generate_bench_prints_both_batches():
+def test_generate_bench_prints_both_batches_against_the_limits():
     out = run_bench("generate.py", "--config", "micro", "--prompt_len", "8", "--new_tokens", "4", "--repeats", "1",
-                    "--threads", "1")
+                    "--threads", "1", "--modes", "eager,static", "--megabytes", "8")
     rows = table_rows(out)
-    assert [int(r[0]) for r in rows] == [1, 8]
-    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    cells = [(int(r[0]), r[1], r[2]) for r in rows]
+    assert cells == [(b, path, model) for b in (1, 8) for model in ("base", "prefix")
+                     for path in ("generate()", "fast eager", "fast static")]
+    # tokens/s, bytes/s against the bandwidth, FLOP/s against the matmul peak: all measured, all positive
+    assert all(float(r[3]) > 0 and float(r[7]) > 0 and float(r[9]) > 0 and float(r[10]) > 0 for r in rows)
+    assert "memory read" in out and "of the bandwidth bound" in out  # the run states its own limits
+
+
+def test_limits_measure_bandwidth_and_matmul_peak():
+    out = run_bench("limits.py", "--config", "micro", "--rows", "1,16", "--megabytes", "8", "--repeats", "1",
+                    "--threads", "1")
+    assert [int(r[0]) for r in table_rows(out)] == [1, 16] and all(float(r[1]) > 0 for r in table_rows(out))
+    assert "memory read" in out
+
+
+def test_flop_counts():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from limits import decode_step_bytes, decode_step_flops, linear_shapes, matmul_params, train_step_flops
+    from train_step import build_config
+
+    config = build_config("micro")  # GLM: hidden 64, 4 heads x 16, 2 kv heads, MLP 128, 2 layers, vocab 1024
+    assert linear_shapes(config) == [(64, 64, 2), (64, 32, 4), (64, 64, 2), (64, 128, 4), (128, 64, 2), (64, 1024, 1)]
+    n = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3) + 64 * 1024
+    assert matmul_params(config) == n
+    assert decode_step_flops(config, 2, 10) == 2 * (2 * n + 2 * 2 * 2 * 64 * 10)
+    assert decode_step_bytes(config, 4 * n, 2, 10, 4) == 4 * n + 2 * 10 * (2 * 2 * 32 * 4)
+    head = 64 * 1024
+    attention = 2 * 2 * 2 * 64 * (4 + 13 / 2) * 2 * 12
+    assert train_step_flops(config, 2, 12, 4, 5) == int(4 * (n - head) * 24 + 4 * head * 10 + 3 * attention)
+
+
+def test_gpu_suite_smoke_writes_every_section(tmp_path):
+    out = tmp_path / "suite.md"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_suite.sh"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    for heading in ("## Limits measured in this run", "## Training step", "## Peak memory", "## Decode", "## ZeRO-2"):
+        assert heading in text
+    limits, train, memory, decode = tables(text)[:4]
+    assert all(float(r[1]) > 0 for r in limits)
+    assert [r[0] for r in train] == ["peft (no GC)", "ours"]   # same step-1 loss:
+    assert abs(float(train[0][-1]) - float(train[1][-1])) <= 1e-4
+    assert all(float(r[-3]) > 0 for r in train)  # achieved GFLOP/s against the measured peak
+    assert [r[0] for r in memory] == ["bf16", "int4"] and all(float(r[3]) > 0 and float(r[4]) > 0 for r in memory)
+    assert {(int(r[0]), r[1], r[2]) for r in decode} == {(b, p, m) for b in (1, 8) for p in ("generate()", "fast auto")
+                                                         for m in ("base", "prefix")}
 
 
 def test_scaling_bench_writes_table_and_png(tmp_path):
