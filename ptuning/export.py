@@ -64,8 +64,8 @@ def save_prefix(model: PrefixTunedModel, out_dir: str, state_dict: dict | None =
 
 
 # prefix_config.json fields and the values they must hold (a hand-edited config is refused before it is used)
-_POSITIVE = ("pre_seq_len", "num_layers", "num_kv_heads", "head_dim", "hidden_size", "prefix_hidden_size",
-             "format_version")
+_POSITIVE = ("pre_seq_len", "num_layers", "num_kv_heads", "head_dim", "value_head_dim", "hidden_size",
+             "prefix_hidden_size", "format_version")
 
 
 @contextlib.contextmanager
@@ -150,7 +150,7 @@ def _load_tensors(path: str) -> dict:
 def check_fits_base(config: PrefixConfig, base_config, ckpt_dir: str) -> None:
     """Refuse a prefix trained for another model before it produces garbage."""
     geometry = model_geometry(base_config)
-    for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+    for key in ("num_layers", "num_kv_heads", "head_dim", "value_head_dim", "vocab_size"):
         expected, found = getattr(config, key), geometry[key]
         if key == "vocab_size" and not expected:
             continue

@@ -15,34 +15,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import UserError
 from .memory import check_quantization_zero
+from .capability import check_model
 from .prefix import PrefixConfig, PrefixEncoder, generation_cache, model_geometry, read_only_cache
 
 logger = logging.getLogger(__name__)
-
-# Architectures whose attention reads `past_key_values` through the standard Cache API; each is covered by tests.
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "MistralForCausalLM",
-    "GlmForCausalLM",
-    "Glm4ForCausalLM",
-    "GPT2LMHeadModel",
-)
 
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
-def check_architecture(config) -> str:
-    archs = list(getattr(config, "architectures", None) or [])
-    name = archs[0] if archs else type(config).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"architecture {name!r} (model_type {getattr(config, 'model_type', '?')!r}) is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return name
+def check_architecture(config, model=None) -> str:
+    """The architecture name when a prefix can reach every attention layer of this model (decided by running it,
+    ``ptuning.capability``), else ``UserError`` naming the model type and the reason."""
+    return check_model(config, model)
 
 
 def quantization_config(bits: int | None, compute_dtype, quant_type: str = "nf4", double_quant: bool = False):
@@ -62,7 +47,8 @@ def quantization_config(bits: int | None, compute_dtype, quant_type: str = "nf4"
 
 def load_base_model(name_or_path: str, torch_dtype: str = "auto", trust_remote_code: bool = False,
                     quantization_bit: int | None = None, quant_type: str = "nf4", double_quant: bool = False):
-    """Load tokenizer and frozen model from a local directory or hub id, refusing unsupported architectures early."""
+    """Load tokenizer and frozen model from a local directory or hub id, refusing models a prefix cannot reach
+    before any weight is read."""
     if torch_dtype not in DTYPES:
         raise UserError(f"--torch_dtype: expected one of {sorted(DTYPES)}, got {torch_dtype!r}")
     try:
@@ -145,7 +131,7 @@ class PrefixTunedModel(PrefixModelBase):
     """
 
     def __init__(self, base: nn.Module, prefix_config: PrefixConfig):
-        check_architecture(base.config)
+        check_architecture(base.config, base)
         super().__init__(base, prefix_config)
         # Rows (target tokens) per chunk of the training loss: None picks ~LOSS_CHUNK_BYTES of fp32 logits per chunk;
         # 0 switches chunking off (the LM head on the batch's target columns, fp32 log-probs of all of them at once).
@@ -209,7 +195,9 @@ class PrefixTunedModel(PrefixModelBase):
             return None  # trained, ZeRO-3-partitioned, offloaded or quantized heads take the logits_to_keep path
         if weight.device != self.base.get_input_embeddings().weight.device:
             return None  # split across devices: the head module's own hooks move its inputs
-        return head
+        if getattr(self, "_plain_head", None) is None:
+            self._plain_head = logits_are_plain_head(self.base)
+        return head if self._plain_head else None
 
     @contextlib.contextmanager
     def prefix_disabled(self):
@@ -242,6 +230,24 @@ class PrefixTunedModel(PrefixModelBase):
 
 
 LOSS_CHUNK_BYTES = 32 * 2**20
+
+
+@torch.no_grad()
+def logits_are_plain_head(base) -> bool:
+    """Whether ``base``'s logits are exactly its LM head applied to its decoder output, which the chunked loss
+    assumes. Found by running one token both ways: Gemma 2's final soft-capping, Cohere's ``logit_scale`` and
+    Granite's ``logits_scaling`` make them differ, and those models take the ``logits_to_keep`` path."""
+    was_training = base.training
+    base.eval()
+    try:
+        ids = torch.full((1, 1), min(3, base.config.get_text_config().vocab_size - 1), dtype=torch.long,
+                         device=base.get_input_embeddings().weight.device)
+        logits = base(input_ids=ids, use_cache=False).logits.float()
+        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        plain = F.linear(hidden, base.get_output_embeddings().weight).float()
+    finally:
+        base.train(was_training)
+    return logits.shape == plain.shape and bool(torch.allclose(logits, plain, rtol=1e-4, atol=1e-4))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -314,7 +320,7 @@ def new_prefix_config(model, pre_seq_len: int, prefix_projection: bool, prefix_h
         position_offset=position_offset,
         base_model_name_or_path=getattr(model.config, "_name_or_path", "") or "",
         **fields,
-        **model_geometry(model.config),
+        **model_geometry(model),
     )
 
 
@@ -322,7 +328,7 @@ def attach_prefix(model, pre_seq_len: int, prefix_projection: bool = False, pref
                   prefix_dropout: float = 0.0, position_offset: bool = True) -> PrefixTunedModel:
     """Freeze ``model`` and wrap it with a fresh prefix sized from its config."""
     config = new_prefix_config(model, pre_seq_len, prefix_projection, prefix_hidden_size, prefix_dropout,
-                               position_offset, base_architecture=check_architecture(model.config))
+                               position_offset, base_architecture=check_architecture(model.config, model))
     return PrefixTunedModel(model, config)
 
 
