@@ -33,8 +33,7 @@ NO_KV_REASONS = {
     "conv": "keep a convolution state instead of per-token keys and values",
     "hybrid": "run a state-space mixer beside their attention and keep its recurrent state",
     "hybrid_sliding": "run a state-space mixer beside their attention and keep its recurrent state",
-    "indexed_attention": "use sparse attention whose cache also keeps indexer keys, which a prefix would have to "
-                         "supply too",
+    "indexed_attention": "use sparse attention whose cache also keeps indexer keys for the prefix to supply",
     "heavily_compressed_attention": "use compressed sparse attention with a cache layout of its own",
     "compressed_sparse_attention": "use compressed sparse attention with a cache layout of its own",
     "dummy": "reuse another layer's keys and values (shared key/value layers) or have no attention",
@@ -130,8 +129,15 @@ def _record(model, device) -> dict:
     layers = getattr(_text_config(model.config), "num_hidden_layers", None) or 256
     cache = Cache(layers=[_RecordingLayer(log, i) for i in range(layers)])
     ids = torch.ones(1, 1, dtype=torch.long, device=device)
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+    except (RuntimeError, NotImplementedError):
+        if device != "meta":
+            raise
+        log.clear()  # some models look at the ids for padding unless given a mask (no data on meta); others the mask
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
     return log
 
 
