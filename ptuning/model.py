@@ -136,6 +136,9 @@ class PrefixTunedModel(PrefixModelBase):
         # Rows (target tokens) per chunk of the training loss: None picks ~LOSS_CHUNK_BYTES of fp32 logits per chunk;
         # 0 switches chunking off (the LM head on the batch's target columns, fp32 log-probs of all of them at once).
         self.loss_chunk_rows: int | None = None
+        # Whether the logits are the LM head's plain output (the chunked loss relies on it): one small forward, here
+        # rather than inside the first training step
+        self._plain_head = logits_are_plain_head(base) if self._usable_lm_head() is not None else None
 
     @property
     def generation_config(self):
@@ -183,9 +186,17 @@ class PrefixTunedModel(PrefixModelBase):
 
     def _chunkable_lm_head(self):
         """The LM head when the chunked loss can use its weight directly (training, a plain frozen bias-free Linear
-        whose full weight is on this process, as in every supported architecture); else None."""
+        whose full weight is on this process, and logits that are its plain output); else None."""
         if self.loss_chunk_rows == 0 or not torch.is_grad_enabled():
             return None
+        head = self._usable_lm_head()
+        if head is None:
+            return None
+        if self._plain_head is None:
+            self._plain_head = logits_are_plain_head(self.base)
+        return head if self._plain_head else None
+
+    def _usable_lm_head(self):
         head = self.base.get_output_embeddings()
         if type(head) is not nn.Linear or head.bias is not None:
             return None
@@ -195,9 +206,7 @@ class PrefixTunedModel(PrefixModelBase):
             return None  # trained, ZeRO-3-partitioned, offloaded or quantized heads take the logits_to_keep path
         if weight.device != self.base.get_input_embeddings().weight.device:
             return None  # split across devices: the head module's own hooks move its inputs
-        if getattr(self, "_plain_head", None) is None:
-            self._plain_head = logits_are_plain_head(self.base)
-        return head if self._plain_head else None
+        return head
 
     @contextlib.contextmanager
     def prefix_disabled(self):
@@ -229,25 +238,32 @@ class PrefixTunedModel(PrefixModelBase):
         )
 
 
-LOSS_CHUNK_BYTES = 32 * 2**20
-
-
 @torch.no_grad()
 def logits_are_plain_head(base) -> bool:
     """Whether ``base``'s logits are exactly its LM head applied to its decoder output, which the chunked loss
-    assumes. Found by running one token both ways: Gemma 2's final soft-capping, Cohere's ``logit_scale`` and
-    Granite's ``logits_scaling`` make them differ, and those models take the ``logits_to_keep`` path."""
+    assumes. Found by running two tokens both ways: Gemma 2's final soft-capping, Cohere's ``logit_scale`` and
+    Granite's ``logits_scaling`` make them differ, and those models take the ``logits_to_keep`` path.
+
+    Both runs are in train mode (in eval mode bitsandbytes repacks a CPU 4-bit weight for inference, which not every
+    shape allows) and draw the same dropout masks from the same forked RNG state."""
+    device = base.get_input_embeddings().weight.device
+    ids = torch.full((1, 2), min(3, base.config.get_text_config().vocab_size - 1), dtype=torch.long, device=device)
+    cuda = [device] if device.type == "cuda" else []
     was_training = base.training
-    base.eval()
+    base.train()
     try:
-        ids = torch.full((1, 1), min(3, base.config.get_text_config().vocab_size - 1), dtype=torch.long,
-                         device=base.get_input_embeddings().weight.device)
-        logits = base(input_ids=ids, use_cache=False).logits.float()
-        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        plain = F.linear(hidden, base.get_output_embeddings().weight).float()
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            logits = base(input_ids=ids, use_cache=False).logits.float()
+            torch.manual_seed(0)
+            hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state
     finally:
         base.train(was_training)
+    plain = F.linear(hidden, base.get_output_embeddings().weight).float()
     return logits.shape == plain.shape and bool(torch.allclose(logits, plain, rtol=1e-4, atol=1e-4))
+
+
+LOSS_CHUNK_BYTES = 32 * 2**20
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
