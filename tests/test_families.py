@@ -268,3 +268,46 @@ def test_refused_before_any_weight_is_read(tmp_path):
     config = family_config("phi3")
     assert json.loads(config.to_json_string())["model_type"] == "phi3"
     assert check_architecture(config) == "Phi3ForCausalLM"
+
+
+# ------------------------------------------------------------------------------------------------ PEFT files
+
+
+@pytest.mark.parametrize("name", ["gemma2", "phi3", "qwen3_moe"])
+def test_peft_export_loads_in_peft_with_identical_logits(name, tmp_path):
+    from peft import PeftModel
+
+    from ptuning.interop import export_peft
+
+    model = prefixed(name)
+    save_prefix(model, str(tmp_path / "ours"))
+    export_peft(str(tmp_path / "ours"), str(tmp_path / "peft"))
+    peft = PeftModel.from_pretrained(family_model(name), str(tmp_path / "peft"))
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        assert (model(ids, mask).logits - peft(input_ids=ids, attention_mask=mask).logits).abs().max() <= 1e-5
+
+
+def test_peft_export_of_an_mla_prefix_is_refused_in_one_line(tmp_path):
+    from ptuning.interop import export_peft
+
+    save_prefix(prefixed("deepseek_v3"), str(tmp_path / "ours"))
+    with pytest.raises(UserError, match="keys are 16 and values 4 wide.*PEFT's prefix tuning has one width"):
+        export_peft(str(tmp_path / "ours"), str(tmp_path / "peft"))
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    """A format-1 prefix_config.json (no value_head_dim) loads with values as wide as keys."""
+    model = prefixed("llama")
+    save_prefix(model, str(tmp_path))
+    path = tmp_path / "prefix_config.json"
+    raw = json.loads(path.read_text())
+    assert raw["format_version"] == 2 and raw["value_head_dim"] == raw["head_dim"]
+    del raw["value_head_dim"]
+    raw["format_version"] = 1
+    path.write_text(json.dumps(raw))
+    reloaded = load_prefix(family_model("llama"), str(tmp_path))
+    assert reloaded.prefix_config.value_head_dim == 8
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask).logits, reloaded(ids, mask).logits)
