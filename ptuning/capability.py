@@ -104,13 +104,15 @@ def config_refusal(config) -> str | None:
     return None
 
 
-def _meta_copy(config, model_class=None):
+def _meta_copy(config, model_class=None, dtype=None):
     """The model built from ``config`` on the meta device, with implementations that need no real data (eager
     attention, data-independent batched experts)."""
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(config)
     kwargs = dict(attn_implementation="eager", experts_implementation="batched_mm")
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     with torch.device("meta"):
         if model_class is not None:
             try:

@@ -150,6 +150,19 @@ def test_export_and_reload_give_identical_logits(name, tmp_path):
 # ------------------------------------------------------------------------------------------------ what the probe finds
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_memory_planner_counts_every_weight_and_the_prefix(name):
+    """fp32 weights to the byte (MoE experts, shared experts, MLA projections, tied or untied heads), and the
+    prefix width the planner charges is the one the probe gives the model."""
+    from ptuning.memory import Geometry, Setup, state_bytes, weight_bytes
+
+    geometry = Geometry.from_config(family_config(name))
+    linears, other = weight_bytes(geometry, Setup(dtype="fp32"))
+    model = family_model(name)
+    assert linears + other == state_bytes(model)
+    assert geometry.prefix_width == attach_prefix(model, P).prefix_config.prefix_width
+
+
 def test_geometry_comes_from_what_the_attention_caches():
     """MLA caches the compressed latent (kv_lora_rank wide) and the shared rotary key (qk_rope_head_dim) in one head;
     Falcon's new decoder architecture computes 2 kv heads but caches them repeated for all 4 query heads (which its
