@@ -17,6 +17,7 @@ cache; models whose attention never writes to ``past_key_values``; and layers of
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
@@ -113,7 +114,12 @@ def _meta_copy(config, model_class=None, dtype=None):
     kwargs = dict(attn_implementation="eager", experts_implementation="batched_mm")
     if dtype is not None:
         kwargs["dtype"] = dtype
-    with torch.device("meta"):
+    # Under ZeRO-3 transformers would build it inside deepspeed.zero.Init (partitioned across ranks); the meta copy
+    # is this process's alone, so it says that Init has already been entered.
+    from transformers import modeling_utils
+
+    skip_zero_init = getattr(modeling_utils, "set_zero3_state", contextlib.nullcontext)
+    with torch.device("meta"), skip_zero_init():
         if model_class is not None:
             try:
                 return model_class._from_config(config, **kwargs)
