@@ -90,8 +90,8 @@ def config_refusal(config) -> str | None:
     model_type = getattr(config, "model_type", "?")
     text = _text_config(config)
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
-        return (f"model_type {model_type!r} is an encoder-decoder model; prefix tuning here needs a decoder-only "
-                "causal LM")
+        return (f"model_type {model_type!r} is not supported: it is an encoder-decoder model, and this prefix is for "
+                "decoder-only causal LMs")
     try:
         layer_types, _ = get_layer_types_and_kwargs(text)
     except (AttributeError, TypeError, KeyError, ValueError):
@@ -152,30 +152,30 @@ def _record(model, device) -> dict:
 def _from_log(config, log: dict) -> Capability:
     model_type = getattr(config, "model_type", "?")
     if not log:
-        raise UserError(f"model_type {model_type!r}: its attention never writes to past_key_values, so a prefix "
-                        "cannot reach it; this model is not supported")
+        raise UserError(f"model_type {model_type!r} is not supported: its attention never writes to past_key_values, "
+                        "so a prefix cannot reach it")
     layers = getattr(_text_config(config), "num_hidden_layers", None) or len(log)
     missing = [i for i in range(layers) if i not in log]
     if missing:
-        raise UserError(f"model_type {model_type!r}: layers {missing[:4]} keep no key/value cache, so a prefix cannot "
-                        "reach them; this model is not supported")
+        raise UserError(f"model_type {model_type!r} is not supported: layers {missing[:4]} keep no key/value cache "
+                        "(cross-attention or no attention), so a prefix cannot reach them")
     twice = [i for i, calls in log.items() if len(calls) != 1]
     if twice:
-        raise UserError(f"model_type {model_type!r}: layer {twice[0]} writes to its cache {len(log[twice[0]])} times "
-                        "per token; this model is not supported")
+        raise UserError(f"model_type {model_type!r} is not supported: layer {twice[0]} writes to its cache "
+                        f"{len(log[twice[0]])} times per token")
     shapes = []
     for i in range(layers):
         (k, v), = log[i]
         if len(k) != 4 or len(v) != 4 or k[1] != v[1] or k[2] != 1 or v[2] != 1:
-            raise UserError(f"model_type {model_type!r}: layer {i} caches keys {list(k)} and values {list(v)}, not "
-                            "[batch, heads, tokens, width]; this model is not supported")
+            raise UserError(f"model_type {model_type!r} is not supported: layer {i} caches keys {list(k)} and values "
+                            f"{list(v)} for one token, not [batch, heads, 1, width]")
         shapes.append(LayerShape(k[1], k[3], v[3]))
     if len(set(shapes)) > 1:
         kinds = sorted(set(shapes), key=shapes.index)
         shown = "; ".join(f"{s.kv_heads} heads x key {s.key_dim} / value {s.value_dim} (layer {shapes.index(s)})"
                           for s in kinds[:3])
-        raise UserError(f"model_type {model_type!r}: its layers cache keys/values of different shapes ({shown}); "
-                        "a prefix of one width per layer is not supported for it yet")
+        raise UserError(f"model_type {model_type!r} is not supported yet: its layers cache keys/values of different "
+                        f"shapes ({shown}), and the prefix has one shape for every layer")
     return Capability(model_type, _name(config), tuple(shapes))
 
 
@@ -201,11 +201,11 @@ def _probe(config, model_class=None) -> Capability:
     except Exception as e:
         message = str(e)
         if "conv state" in message or "linear attention" in message or "own and is not compatible" in message:
-            raise UserError(f"model_type {getattr(config, 'model_type', '?')!r}: its layers keep a recurrent or "
-                            "convolution state that a prefix cannot reach; this model is not supported") from None
+            raise UserError(f"model_type {getattr(config, 'model_type', '?')!r} is not supported: its layers keep a "
+                            "recurrent or convolution state that a prefix cannot reach") from None
         if "indexer" in message or "compression" in message:
-            raise UserError(f"model_type {getattr(config, 'model_type', '?')!r}: its sparse attention keeps its own "
-                            "cache layout; this model is not supported") from None
+            raise UserError(f"model_type {getattr(config, 'model_type', '?')!r} is not supported: its sparse attention "
+                            "keeps a cache layout of its own") from None
         raise _MetaUnsupported(message) from None
     return _from_log(config, log)
 

@@ -324,3 +324,28 @@ def test_version_1_checkpoints_still_load(tmp_path):
     ids, mask, _ = batch()
     with torch.no_grad():
         assert torch.equal(model(ids, mask).logits, reloaded(ids, mask).logits)
+
+
+def test_multimodal_gemma3_checkpoint_trains_and_generates_on_text():
+    """Gemma 3 4B+ checkpoints load as Gemma3ForConditionalGeneration: on text-only rows its language model takes the
+    prefix like Gemma3ForCausalLM (same cache shapes), trains, and generates from the forward's argmax."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = dict(family_config("gemma3_text").to_dict())
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision,
+                                                         mm_tokens_per_image=4)).eval()
+    assert type(base).__name__ == "Gemma3ForConditionalGeneration"
+    model = attach_prefix(base, P)
+    assert model.prefix_config.prefix_width == attach_prefix(family_model("gemma3_text"), P).prefix_config.prefix_width
+    ids, mask, labels = batch(left_pad=2)
+    model.train()
+    model(ids, mask, labels=labels).loss.backward()
+    assert model.prefix_encoder.embedding.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, mask).logits[:, -1]
+        out = model.generate(ids, mask, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out[:, ids.shape[1]], logits.argmax(-1))

@@ -148,7 +148,7 @@ def test_training_changes_only_the_prefix_and_loss_goes_down():
 
 def test_unsupported_architecture_is_named():
     config = T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8)
-    with pytest.raises(UserError, match="'t5' is an encoder-decoder model"):
+    with pytest.raises(UserError, match="'t5' is not supported: it is an encoder-decoder model"):
         check_architecture(config)
 
 
