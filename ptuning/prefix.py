@@ -91,9 +91,6 @@ class PrefixConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise UserError(f"{path}: unknown keys {unknown}; was it written by a newer ptuning?")
-        version = raw.get("format_version", 1)
-        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-            raise UserError(f"{path}: format_version {version} is newer than this ptuning reads ({FORMAT_VERSION})")
         try:
             return cls(**raw)
         except TypeError as e:
