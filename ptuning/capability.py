@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -181,8 +182,18 @@ def _from_log(config, log: dict) -> Capability:
 
 @functools.lru_cache(maxsize=32)
 def _probe_cached(config_json: str, config_class, model_class) -> Capability:
-    config = config_class.from_dict(__import__("json").loads(config_json))
+    config = config_class.from_dict(json.loads(config_json))
     return _probe(config, model_class)
+
+
+# Config fields that change between the config read before loading and the loaded model's, but not its attention
+_VOLATILE = ("quantization_config", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
+             "_attn_implementation_autoset", "attn_implementation", "experts_implementation")
+
+
+def _cache_key(config) -> str:
+    raw = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE}
+    return json.dumps(raw, sort_keys=True, default=str)
 
 
 def _probe(config, model_class=None) -> Capability:
@@ -217,7 +228,8 @@ class _MetaUnsupported(Exception):
 def probe(config, model=None) -> Capability:
     """The cache shape a prefix must have for the model of ``config`` (or the loaded ``model``), or ``UserError``.
 
-    The meta-device forward takes well under a second even for 70B-parameter configs and is cached per config. When
+    The meta-device forward takes a second or two for 27B-671B configs on a CPU (``bench/probe.py``) and is cached
+    per config. When
     a model's forward needs real data (a few old architectures call ``.item()``), the loaded ``model`` itself runs
     the one token; without it the answer waits until the weights are loaded (``None``).
     """
@@ -225,9 +237,11 @@ def probe(config, model=None) -> Capability:
     if reason:
         raise UserError(reason)
     model_class = type(model) if model is not None else None
+    if model_class is not None and model_class.__name__ in (getattr(config, "architectures", None) or ()):
+        model_class = None  # the class AutoModelForCausalLM builds from this config: share the probe made before loading
     try:
         try:
-            return _probe_cached(config.to_json_string(use_diff=False), type(config), model_class)
+            return _probe_cached(_cache_key(config), type(config), model_class)
         except (TypeError, ValueError, AttributeError):  # configs that do not round-trip through JSON
             return _probe(config, model_class)
     except _MetaUnsupported:

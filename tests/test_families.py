@@ -349,3 +349,13 @@ def test_multimodal_gemma3_checkpoint_trains_and_generates_on_text():
         logits = model(ids, mask).logits[:, -1]
         out = model.generate(ids, mask, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(out[:, ids.shape[1]], logits.argmax(-1))
+
+
+def test_peft_import_onto_an_mla_model_is_refused_in_one_line(tmp_path):
+    from ptuning.interop import export_peft, import_peft
+
+    save_prefix(prefixed("llama"), str(tmp_path / "ours"))
+    export_peft(str(tmp_path / "ours"), str(tmp_path / "peft"))
+    family_config("deepseek_v3").save_pretrained(tmp_path / "mla")
+    with pytest.raises(UserError, match="keys and values differ in width.*PEFT's prefix tuning cannot serve it"):
+        import_peft(str(tmp_path / "peft"), str(tmp_path / "back"), str(tmp_path / "mla"))
