@@ -238,7 +238,7 @@ def probe(config, model=None) -> Capability:
         raise UserError(reason)
     model_class = type(model) if model is not None else None
     if model_class is not None and model_class.__name__ in (getattr(config, "architectures", None) or ()):
-        model_class = None  # the class AutoModelForCausalLM builds from this config: share the probe made before loading
+        model_class = None  # what AutoModelForCausalLM builds from this config: share the probe made before loading
     try:
         try:
             return _probe_cached(_cache_key(config), type(config), model_class)

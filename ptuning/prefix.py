@@ -171,7 +171,8 @@ class PrefixEncoder(nn.Module):
         return prefix
 
     def key_values(self, batch_size: int, dtype: torch.dtype, repeats: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (keys ``[batch_size * repeats, num_kv_heads, pre_seq_len, head_dim]``, values ``[..., value_head_dim]``)."""
+        """Per-layer (keys ``[batch_size * repeats, num_kv_heads, pre_seq_len, head_dim]``, values
+        ``[..., value_head_dim]``)."""
         return split_key_values(self(), self.config, batch_size * repeats, dtype, self.dropout)
 
 

@@ -5,7 +5,6 @@ attention against a hand-derived reference, sliding windows, and one refusal per
 """
 
 import json
-import math
 
 import pytest
 import torch
@@ -359,3 +358,17 @@ def test_peft_import_onto_an_mla_model_is_refused_in_one_line(tmp_path):
     family_config("deepseek_v3").save_pretrained(tmp_path / "mla")
     with pytest.raises(UserError, match="keys and values differ in width.*PEFT's prefix tuning cannot serve it"):
         import_peft(str(tmp_path / "peft"), str(tmp_path / "back"), str(tmp_path / "mla"))
+
+
+@pytest.mark.parametrize("name", ["gemma2", "deepseek_v3"])
+def test_multi_prefix_serving_gives_each_row_its_own_prefix(name):
+    """MultiPrefixModel on a sliding-window family and on MLA (keys and values of different widths)."""
+    from ptuning.serving import MultiPrefixModel
+
+    a, b = prefixed(name, seed=0), prefixed(name, seed=1)
+    served = MultiPrefixModel(family_model(name), {"a": a, "b": b})
+    ids, mask, _ = batch(left_pad=2)
+    with torch.no_grad():
+        both = served(ids, mask, prefix_ids=["a", "b"]).logits
+        assert (both[0] - a(ids[:1], mask[:1]).logits[0]).abs().max() <= 1e-5
+        assert (both[1] - b(ids[1:], mask[1:]).logits[0]).abs().max() <= 1e-5

@@ -43,7 +43,8 @@ def test_main_trains_exports_reloads_and_generates(name, tmp_path, capsys):
     assert main.main(common + [
         "--output_dir", str(out), "--do_train", "--train_file", str(tmp_path / "train.jsonl"), "--do_predict",
         "--test_file", str(tmp_path / "test.jsonl"), "--pre_seq_len", "8", "--learning_rate", "5e-2",
-        "--max_steps", "80", "--per_device_train_batch_size", "4", "--logging_steps", "5", "--save_steps", "80", "--prefix_projection", "--prefix_hidden_size", "32",
+        "--max_steps", "80", "--per_device_train_batch_size", "4", "--logging_steps", "5", "--save_steps", "80",
+        "--prefix_projection", "--prefix_hidden_size", "32",
         "--gradient_checkpointing"]) == 0
     state = json.loads((out / "checkpoint-80" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
