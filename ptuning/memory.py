@@ -468,7 +468,9 @@ def plan(config_or_geometry, setup: Setup) -> MemoryPlan:
         result.terms["weights (ZeRO-3 shard + 2 gathered layers)"] = (linears + other) // world + gathered
     else:
         result.terms["weights: linears"] = linears
-        result.terms["weights: embeddings, LM head, norms"] = other
+        # counted families: also MoE experts kept as 3-D tensors, which bitsandbytes does not quantize
+        other_name = "weights: embeddings, LM head, norms" + (", experts" if geo.other_params >= 0 else "")
+        result.terms[other_name] = other
 
     P = prefix_parameters(geo, setup)
     stage = setup.zero_stage
@@ -630,7 +632,8 @@ def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
         parallel += ", DDP"
     lines = [
         f"memory plan for {geo.architecture} ({geo.layers} layers, hidden {geo.hidden}, {geo.heads}/{geo.kv_heads} "
-        f"heads × {geo.head_dim}, ffn {geo.ffn}, vocab {geo.vocab}), from the config alone",
+        f"heads × {geo.head_dim}{f' (values {geo.value_head_dim})' if geo.value_head_dim else ''}, ffn {geo.ffn}, "
+        f"vocab {geo.vocab}), from the config alone",
         f"  base {base}; batch {st.batch} × {st.seq_len} tokens ({st.source_len} source + "
         f"{st.target_len} target, {loss}), pre_seq_len {st.pre_seq_len}"
         f"{' with projection' if st.prefix_projection else ''}; gradient checkpointing "

@@ -372,3 +372,16 @@ def test_multi_prefix_serving_gives_each_row_its_own_prefix(name):
         both = served(ids, mask, prefix_ids=["a", "b"]).logits
         assert (both[0] - a(ids[:1], mask[:1]).logits[0]).abs().max() <= 1e-5
         assert (both[1] - b(ids[1:], mask[1:]).logits[0]).abs().max() <= 1e-5
+
+
+def test_plan_command_on_an_mla_moe_config(tmp_path, capsys):
+    """`main.py plan` from a config alone: the prefix the planner charges is the probed latent one, and the MoE
+    experts bitsandbytes cannot quantize are named in the weights term."""
+    from ptuning.memory import run_plan
+
+    family_config("deepseek_v3").save_pretrained(tmp_path)
+    result = run_plan(["--model_name_or_path", str(tmp_path), "--quantization_bit", "4", "--torch_dtype", "bf16",
+                       "--pre_seq_len", "8", "--max_source_length", "16", "--max_target_length", "16"])
+    assert result.terms["prefix state"] == 12 * 8 * 2 * (16 + 4)  # fp32 weights + AdamW moments, latent widths
+    assert "weights: embeddings, LM head, norms, experts" in result.terms
+    assert "heads × 16 (values 4)" in capsys.readouterr().out
