@@ -199,9 +199,9 @@ def _cache_key(config) -> str:
 def _probe(config, model_class=None) -> Capability:
     try:
         model = _meta_copy(config, model_class)
-    except (ImportError, OSError):
-        raise
     except Exception as e:  # a config transformers itself cannot build a model from
+        if getattr(config, "auto_map", None) and model_class is None:
+            raise _MetaUnsupported(str(e)) from None  # remote code: decided on the loaded model's own class
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise UserError(f"model_type {getattr(config, 'model_type', '?')!r}: cannot build the model from its config "
                         f"({first})") from None
@@ -251,9 +251,14 @@ def probe(config, model=None) -> Capability:
     was_training = model.training
     model.eval()
     try:
-        return _from_log(config, _record(model, device))
+        log = _record(model, device)
+    except Exception as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"model_type {getattr(config, 'model_type', '?')!r} is not supported: one token through it "
+                        f"with a transformers Cache as past_key_values failed ({first})") from None
     finally:
         model.train(was_training)
+    return _from_log(config, log)
 
 
 def check_model(config, model=None) -> str:

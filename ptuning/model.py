@@ -98,6 +98,9 @@ class PrefixModelBase(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False):
         """Non-reentrant checkpointing that keeps the read-only prefix cache inside each recomputed layer."""
+        if not getattr(self.base, "supports_gradient_checkpointing", True):
+            raise UserError(f"--gradient_checkpointing: {type(self.base).__name__} does not support activation "
+                            "checkpointing in transformers; train without it")
         kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant"):
             logger.warning("use_reentrant=True cannot carry prefix gradients through keyword arguments; using False")

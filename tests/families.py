@@ -60,6 +60,10 @@ FAMILIES = {
                  dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                       n_group=1, topk_group=1), "GLM-4.5/4.6 (MoE)"),
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}, "EXAONE 4"),
+    # its forward cannot run on the meta device: the probe runs one token through the loaded model instead
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM",
+               dict(kv_channels=8, head_dim=DROP, num_local_experts=4, num_experts_per_tok=2),
+               "JetMoE (mixture of attention heads; probed on the loaded model)"),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}, "SmolLM3 (NoPE layers)"),
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", {}, "Hunyuan dense"),
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", {}, "ERNIE 4.5"),
