@@ -389,3 +389,13 @@ def test_plan_command_on_an_mla_moe_config(tmp_path, capsys):
     assert result.terms["prefix state"] == 12 * 8 * 2 * (16 + 4)  # fp32 weights + AdamW moments, latent widths
     assert "weights: embeddings, LM head, norms, experts" in result.terms
     assert "heads × 16 (values 4)" in capsys.readouterr().out
+
+
+def test_docs_table_lists_every_family_of_the_matrix_and_no_failure():
+    """docs/models.md's table comes from scripts/families_table.py; regenerate it when a family is added."""
+    import os
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "models.md"), encoding="utf-8").read()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line.split("|")[2]]
+    assert sorted(line.split("|")[1].split(" (")[0].strip() for line in rows) == sorted(FAMILIES)
+    assert "FAIL" not in text
