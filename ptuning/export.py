@@ -64,8 +64,8 @@ def save_prefix(model: PrefixTunedModel, out_dir: str, state_dict: dict | None =
 
 
 # prefix_config.json fields and the values they must hold (a hand-edited config is refused before it is used)
-_POSITIVE = ("pre_seq_len", "num_layers", "num_kv_heads", "head_dim", "hidden_size", "prefix_hidden_size",
-             "format_version")
+_POSITIVE = ("pre_seq_len", "num_layers", "num_kv_heads", "head_dim", "value_head_dim", "hidden_size",
+             "prefix_hidden_size", "format_version")
 
 
 @contextlib.contextmanager
@@ -150,10 +150,11 @@ def _load_tensors(path: str) -> dict:
         raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
 
-def check_fits_base(config: PrefixConfig, base_config, ckpt_dir: str) -> None:
-    """Refuse a prefix trained for another model before it produces garbage."""
-    geometry = model_geometry(base_config)
-    for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+def check_fits_base(config: PrefixConfig, base, ckpt_dir: str) -> None:
+    """Refuse a prefix trained for another model (``base``: its config, or the loaded model) before it produces
+    garbage."""
+    geometry = model_geometry(base)
+    for key in ("num_layers", "num_kv_heads", "head_dim", "value_head_dim", "vocab_size"):
         expected, found = getattr(config, key), geometry[key]
         if key == "vocab_size" and not expected:
             continue
@@ -170,7 +171,7 @@ def load_prefix(base, ckpt_dir: str, for_training: bool = False) -> PrefixTunedM
     if config.task_type != "causal_lm":
         raise UserError(f"{os.path.join(ckpt_dir, CONFIG_NAME)}: a {config.task_type} prefix for an encoder; load it "
                         "with main.py --ptuning_checkpoint (or ptuning.nlu), not onto a causal LM")
-    check_fits_base(config, base.config, ckpt_dir)
+    check_fits_base(config, base, ckpt_dir)
     folded = _load_tensors(os.path.join(ckpt_dir, PREFIX_WEIGHTS))
     if PREFIX_KEY not in folded:
         raise UserError(f"{os.path.join(ckpt_dir, PREFIX_WEIGHTS)}: no tensor named {PREFIX_KEY!r}")

@@ -1,7 +1,8 @@
 """Other prefix formats: ChatGLM-6B/2/3 P-tuning ``pytorch_model.bin`` import, PEFT prefix-tuning export/import.
 
 All three store the same flat prefix ``[pre_seq_len, num_layers * 2 * kv_dim]`` (block ``2i`` = keys of layer ``i``,
-``2i + 1`` = values), so conversion copies tensors and writes the matching config:
+``2i + 1`` = values), so conversion copies tensors and writes the matching config. PEFT has one width for keys and
+values; a prefix whose keys and values differ in width (multi-head latent attention, DeepSeek-V2/V3) is refused:
 
 - ChatGLM: ``transformer.prefix_encoder.embedding.weight`` (+ ``trans.0/2.*`` with ``prefix_projection``). ChatGLM
   does not shift token positions by ``pre_seq_len``, so the imported config says ``position_offset: false``.
@@ -63,8 +64,10 @@ def read_tensor_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def config_geometry(path: str) -> dict:
-    """Layers, kv heads, head dim, hidden size and vocab from a ``config.json`` (a directory or the file), read as
-    plain JSON so ChatGLM's remote-code configs need no code: ``num_layers``, ``multi_query_group_num``,
+    """Layers, kv heads, key/value head dims, hidden size and vocab from a ``config.json`` (a directory or the file).
+
+    A model type transformers knows is probed (``ptuning.capability``: what its attention caches); anything else is
+    read as plain JSON so ChatGLM's remote-code configs need no code: ``num_layers``, ``multi_query_group_num``,
     ``kv_channels`` and ``padded_vocab_size`` are understood as well as the transformers names."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
@@ -74,6 +77,11 @@ def config_geometry(path: str) -> dict:
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    known = _known_config(raw)
+    if known is not None:
+        return {**model_geometry(known), "architecture": (raw.get("architectures") or [raw.get("model_type", "")])[0]}
     raw = dict(raw.get("text_config") or raw)
     if "num_hidden_layers" not in raw and "num_layers" in raw:
         raw["num_hidden_layers"] = raw["num_layers"]
@@ -90,13 +98,29 @@ def config_geometry(path: str) -> dict:
     return {**geometry, "architecture": (raw.get("architectures") or [raw.get("model_type", "")])[0] or ""}
 
 
+def _known_config(raw: dict):
+    """A transformers config object for a ``config.json`` whose model_type transformers knows, else None."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING or raw.get("auto_map"):
+        return None
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception:  # a config transformers rejects is read field by field below
+        return None
+
+
 def _check_width(where: str, width: int, geometry: dict) -> None:
-    expected = geometry["num_layers"] * 2 * geometry["num_kv_heads"] * geometry["head_dim"]
+    kv, k, v = geometry["num_kv_heads"], geometry["head_dim"], geometry.get("value_head_dim", geometry["head_dim"])
+    expected = geometry["num_layers"] * kv * (k + v)
     if width != expected:
+        dims = f"2 x {kv} kv heads x {k} head dim" if k == v else f"{kv} kv heads x ({k} key + {v} value dims)"
         raise UserError(
-            f"{where}: prefix width {width} does not fit the model config ({geometry['num_layers']} layers x 2 x "
-            f"{geometry['num_kv_heads']} kv heads x {geometry['head_dim']} head dim = {expected}); "
-            "pass the config.json of the model this prefix was trained for"
+            f"{where}: prefix width {width} does not fit the model config ({geometry['num_layers']} layers x "
+            f"{dims} = {expected}); pass the config.json of the model this prefix was trained for"
         )
 
 
@@ -154,6 +178,7 @@ def import_chatglm(checkpoint: str, out_dir: str, model_config: str | None = Non
     config = PrefixConfig(
         pre_seq_len=prefix.shape[0],
         num_layers=geometry["num_layers"], num_kv_heads=geometry["num_kv_heads"], head_dim=geometry["head_dim"],
+        value_head_dim=geometry["value_head_dim"],
         hidden_size=geometry["hidden_size"], vocab_size=geometry["vocab_size"],
         prefix_projection=keep_mlp,
         prefix_hidden_size=encoder["trans.0.weight"].shape[0] if keep_mlp else 512,
@@ -185,6 +210,11 @@ def export_peft(ckpt_dir: str, out_dir: str, base_model_name_or_path: str | None
     if prefix is None or tuple(prefix.shape) != (config.pre_seq_len, config.prefix_width):
         raise UserError(f"{os.path.join(ckpt_dir, PREFIX_WEIGHTS)}: no {PREFIX_KEY!r} tensor of shape "
                         f"({config.pre_seq_len}, {config.prefix_width})")
+    if not config.same_widths:
+        raise UserError(f"{os.path.join(ckpt_dir, CONFIG_NAME)}: keys are {config.head_dim} and values "
+                        f"{config.value_head_dim} wide per head ({config.base_architecture or 'this model'}, e.g. "
+                        "multi-head latent attention); PEFT's prefix tuning has one width for both and cannot hold "
+                        "this prefix, so keep it in ptuning format")
     if os.path.exists(os.path.join(out_dir, PEFT_CONFIG)):
         raise UserError(f"{out_dir}: already holds {PEFT_CONFIG}; choose an empty directory")
     os.makedirs(out_dir, exist_ok=True)
@@ -249,12 +279,16 @@ def import_peft(adapter_dir: str, out_dir: str, model_config: str | None = None)
                         "(its config.json gives hidden size and vocab)")
     geometry = config_geometry(source)
     # PEFT rewrites token_dim / num_attention_heads to the kv geometry for grouped-query models; trust the model.
+    if geometry["value_head_dim"] != geometry["head_dim"]:
+        raise UserError(f"{config_path}: the base model's keys and values differ in width ({geometry['head_dim']} vs "
+                        f"{geometry['value_head_dim']} per head); PEFT's prefix tuning cannot serve it")
     _check_width(weights, prefix.shape[1], geometry)
     if prefix.shape[1] != layers * 2 * token_dim:
         raise UserError(f"{weights}: prompt_embeddings width {prefix.shape[1]} != 2 x num_layers x token_dim")
     config = PrefixConfig(
         pre_seq_len=prefix.shape[0],
         num_layers=geometry["num_layers"], num_kv_heads=geometry["num_kv_heads"], head_dim=geometry["head_dim"],
+        value_head_dim=geometry["value_head_dim"],
         hidden_size=geometry["hidden_size"], vocab_size=geometry["vocab_size"],
         position_offset=True,
         base_model_name_or_path=adapter.get("base_model_name_or_path") or os.path.abspath(source),

@@ -143,27 +143,41 @@ class Geometry:
     qkv_bias: bool = False
     rotary_dim: int = 0             # 0: learned absolute positions (GPT-2)
     positions: int = 0              # learned position embeddings (GPT-2)
+    value_head_dim: int = 0         # width of one cached value head when it differs from head_dim (MLA); 0: same
+    # Families without a hand-written layer model (see ``HAND_MODELLED``): the (out, in) shape of every nn.Linear of
+    # the model except the LM head (what bitsandbytes quantizes), and the number of all other parameter elements
+    # (embeddings, LM head, norms, biases, and MoE experts stored as 3-D tensors, which bitsandbytes leaves in the
+    # compute dtype), counted on the model built on the meta device.
+    model_linears: tuple = ()
+    other_params: int = -1
+    buffer_bytes: int = 0           # counted families: buffers of a fixed dtype (fp32 RoPE frequencies, ...)
+    fp32_params: int = 0            # counted families: parameters the model keeps in fp32 (_keep_in_fp32_modules)
 
     @classmethod
     def from_config(cls, config) -> "Geometry":
-        from .model import check_architecture
+        """The shapes of ``config``'s model. Key/value heads and widths are what the attention caches
+        (``ptuning.capability``, which also refuses models a prefix cannot reach); the seven hand-modelled families
+        keep their exact per-layer formulas, every other family counts its weights on a meta-device copy."""
+        from .capability import check_model
         from .prefix import model_geometry
 
-        arch = check_architecture(config)
+        arch = check_model(config)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        g = model_geometry(text)
+        g = model_geometry(config)
         gpt2 = arch == "GPT2LMHeadModel"
         if gpt2:
             ffn = getattr(text, "n_inner", None) or 4 * g["hidden_size"]
         else:
-            ffn = text.intermediate_size
+            ffn = _active_ffn(text)
         rope = getattr(text, "rope_parameters", None) or {}
         factor = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)) or 1.0
+        generic = {} if arch in HAND_MODELLED else _counted_weights(config)
+        heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or g["num_kv_heads"]
         return cls(
             architecture=arch,
             layers=g["num_layers"],
             hidden=g["hidden_size"],
-            heads=getattr(text, "num_attention_heads", None) or text.n_head,
+            heads=heads,
             kv_heads=g["num_kv_heads"],
             head_dim=g["head_dim"],
             ffn=int(ffn),
@@ -175,10 +189,15 @@ class Geometry:
             qkv_bias=gpt2 or bool(getattr(text, "attention_bias", False)) or arch == "Qwen2ForCausalLM",
             rotary_dim=0 if gpt2 else int(g["head_dim"] * factor),
             positions=getattr(text, "n_positions", 0) if gpt2 else 0,
+            value_head_dim=g["value_head_dim"] if g["value_head_dim"] != g["head_dim"] else 0,
+            **generic,
         )
 
     def linears(self) -> list[tuple[int, int]]:
-        """(out_features, in_features) of every quantizable linear in one layer."""
+        """(out_features, in_features) of every quantizable linear in one layer; for counted families
+        (``model_linears``) those of the whole model."""
+        if self.model_linears:
+            return list(self.model_linears)
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         if not self.gated_mlp:  # GPT-2: fused c_attn, c_proj, c_fc, mlp.c_proj
             return [(q + 2 * kv, h), (h, q), (self.ffn, h), (h, self.ffn)]
@@ -190,7 +209,62 @@ class Geometry:
 
     @property
     def prefix_width(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim
+        return self.layers * self.kv_heads * (self.head_dim + (self.value_head_dim or self.head_dim))
+
+
+# Families whose layers the activation and weight terms model exactly (checked against measured peaks)
+HAND_MODELLED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "GlmForCausalLM",
+                 "Glm4ForCausalLM", "GPT2LMHeadModel")
+
+
+def _active_ffn(text) -> int:
+    """MLP width one token goes through: the dense intermediate size, or for MoE layers the routed experts' widths
+    times experts per token plus any shared expert (an estimate of activations, not measured)."""
+    experts_per_token = getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_k", None)
+    expert_width = getattr(text, "moe_intermediate_size", None)
+    if experts_per_token and expert_width:
+        shared = (getattr(text, "shared_expert_intermediate_size", None)
+                  or (getattr(text, "n_shared_experts", None) or 0) * expert_width)
+        return int(experts_per_token * expert_width + shared)
+    return int(getattr(text, "intermediate_size", None) or getattr(text, "ffn_hidden_size", None)
+               or 4 * (getattr(text, "hidden_size", None) or 0))
+
+
+def _counted_weights(config) -> dict:
+    """``model_linears`` and ``other_params`` counted on the model built on the meta device."""
+    from torch import nn
+
+    from .capability import _meta_copy
+
+    import torch
+
+    # built in bf16, as a 16-bit run loads it: what stays fp32 (router biases, RoPE frequencies) shows as fp32
+    model = _meta_copy(config, dtype=torch.bfloat16)
+    head = model.get_output_embeddings()
+    linears, in_linears = [], set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            linears.append((module.out_features, module.in_features))
+            in_linears.add(id(module.weight))
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | \
+        set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    seen, other, fp32 = set(), 0, 0
+    for name, p in model.named_parameters():  # tied weights are one parameter
+        if id(p) not in seen and id(p) not in in_linears:
+            if keep_fp32 & set(name.split(".")) or p.dtype == torch.float32:
+                fp32 += p.numel()
+            else:
+                other += p.numel()
+        seen.add(id(p))
+    buffers = 0
+    for name, b in model.named_buffers():
+        if keep_fp32 & set(name.split(".")):
+            buffers += 4 * b.numel()
+        elif b.dtype == torch.bfloat16:  # follows the compute dtype
+            other += b.numel()
+        else:
+            buffers += b.numel() * b.element_size()
+    return dict(model_linears=tuple(linears), other_params=other, fp32_params=fp32, buffer_bytes=buffers)
 
 
 @dataclass(frozen=True)
@@ -299,8 +373,10 @@ def prefix_parameters(geo: Geometry, setup: Setup) -> int:
 def weight_bytes(geo: Geometry, setup: Setup) -> tuple[int, int]:
     """(quantized linears, everything else) in bytes."""
     c = DTYPE_BYTES[setup.dtype]
-    linears = geo.layers * sum(quantized_linear_bytes(o, i, setup.quantization_bit, c, setup.double_quant)
-                               for o, i in geo.linears())
+    linears = (1 if geo.model_linears else geo.layers) * sum(
+        quantized_linear_bytes(o, i, setup.quantization_bit, c, setup.double_quant) for o, i in geo.linears())
+    if geo.other_params >= 0:
+        return linears, geo.other_params * c + geo.fp32_params * 4 + geo.buffer_bytes
     h = geo.hidden
     other = geo.vocab * h * (1 if geo.tied_embeddings else 2) + geo.positions * h
     norm = h if geo.gated_mlp else 2 * h  # LayerNorm has a bias
@@ -387,12 +463,14 @@ def plan(config_or_geometry, setup: Setup) -> MemoryPlan:
 
     linears, other = weight_bytes(geo, setup)
     if setup.zero_stage == 3:
-        layer = sum(o * i for o, i in geo.linears()) * c
+        layer = sum(o * i for o, i in geo.linears()) * c // (geo.layers if geo.model_linears else 1)
         gathered = 2 * max(layer, geo.vocab * geo.hidden * c)
         result.terms["weights (ZeRO-3 shard + 2 gathered layers)"] = (linears + other) // world + gathered
     else:
         result.terms["weights: linears"] = linears
-        result.terms["weights: embeddings, LM head, norms"] = other
+        # counted families: also MoE experts kept as 3-D tensors, which bitsandbytes does not quantize
+        other_name = "weights: embeddings, LM head, norms" + (", experts" if geo.other_params >= 0 else "")
+        result.terms[other_name] = other
 
     P = prefix_parameters(geo, setup)
     stage = setup.zero_stage
@@ -560,7 +638,8 @@ def describe(result: MemoryPlan, gpu_memory: int | None = None) -> str:
         parallel += ", DDP"
     lines = [
         f"memory plan for {geo.architecture} ({geo.layers} layers, hidden {geo.hidden}, {geo.heads}/{geo.kv_heads} "
-        f"heads × {geo.head_dim}, ffn {geo.ffn}, vocab {geo.vocab}), from the config alone",
+        f"heads × {geo.head_dim}{f' (values {geo.value_head_dim})' if geo.value_head_dim else ''}, ffn {geo.ffn}, "
+        f"vocab {geo.vocab}), from the config alone",
         f"  base {base}; batch {st.batch} × {st.seq_len} tokens ({st.source_len} source + "
         f"{st.target_len} target, {loss}), pre_seq_len {st.pre_seq_len}"
         f"{' with projection' if st.prefix_projection else ''}; gradient checkpointing "

@@ -16,34 +16,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import chatglm
 from .errors import UserError, model_source_error
 from .memory import check_quantization_zero
+from .capability import check_model
 from .prefix import PrefixConfig, PrefixEncoder, generation_cache, model_geometry, read_only_cache
 
 logger = logging.getLogger(__name__)
-
-# Architectures whose attention reads `past_key_values` through the standard Cache API; each is covered by tests.
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "MistralForCausalLM",
-    "GlmForCausalLM",
-    "Glm4ForCausalLM",
-    "GPT2LMHeadModel",
-)
 
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
-def check_architecture(config) -> str:
-    archs = list(getattr(config, "architectures", None) or [])
-    name = archs[0] if archs else type(config).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"architecture {name!r} (model_type {getattr(config, 'model_type', '?')!r}) is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return name
+def check_architecture(config, model=None) -> str:
+    """The architecture name when a prefix can reach every attention layer of this model (decided by running it,
+    ``ptuning.capability``), else ``UserError`` naming the model type and the reason."""
+    return check_model(config, model)
 
 
 def quantization_config(bits: int | None, compute_dtype, quant_type: str = "nf4", double_quant: bool = False):
@@ -63,7 +48,8 @@ def quantization_config(bits: int | None, compute_dtype, quant_type: str = "nf4"
 
 def load_base_model(name_or_path: str, torch_dtype: str = "auto", trust_remote_code: bool = False,
                     quantization_bit: int | None = None, quant_type: str = "nf4", double_quant: bool = False):
-    """Load tokenizer and frozen model from a local directory or hub id, refusing unsupported architectures early."""
+    """Load tokenizer and frozen model from a local directory or hub id, refusing models a prefix cannot reach
+    before any weight is read."""
     if torch_dtype not in DTYPES:
         raise UserError(f"--torch_dtype: expected one of {sorted(DTYPES)}, got {torch_dtype!r}")
     if not trust_remote_code:  # an original remote-code ChatGLM directory loads as its GlmForCausalLM conversion
@@ -115,6 +101,9 @@ class PrefixModelBase(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False):
         """Non-reentrant checkpointing that keeps the read-only prefix cache inside each recomputed layer."""
+        if not getattr(self.base, "supports_gradient_checkpointing", True):
+            raise UserError(f"--gradient_checkpointing: {type(self.base).__name__} does not support activation "
+                            "checkpointing in transformers; train without it")
         kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant"):
             logger.warning("use_reentrant=True cannot carry prefix gradients through keyword arguments; using False")
@@ -148,11 +137,14 @@ class PrefixTunedModel(PrefixModelBase):
     """
 
     def __init__(self, base: nn.Module, prefix_config: PrefixConfig):
-        check_architecture(base.config)
+        check_architecture(base.config, base)
         super().__init__(base, prefix_config)
         # Rows (target tokens) per chunk of the training loss: None picks ~LOSS_CHUNK_BYTES of fp32 logits per chunk;
         # 0 switches chunking off (the LM head on the batch's target columns, fp32 log-probs of all of them at once).
         self.loss_chunk_rows: int | None = None
+        # Whether the logits are the LM head's plain output (the chunked loss relies on it): one small forward, here
+        # rather than inside the first training step
+        self._plain_head = logits_are_plain_head(base) if self._usable_lm_head() is not None else None
 
     @property
     def generation_config(self):
@@ -200,9 +192,17 @@ class PrefixTunedModel(PrefixModelBase):
 
     def _chunkable_lm_head(self):
         """The LM head when the chunked loss can use its weight directly (training, a plain frozen bias-free Linear
-        whose full weight is on this process, as in every supported architecture); else None."""
+        whose full weight is on this process, and logits that are its plain output); else None."""
         if self.loss_chunk_rows == 0 or not torch.is_grad_enabled():
             return None
+        head = self._usable_lm_head()
+        if head is None:
+            return None
+        if self._plain_head is None:
+            self._plain_head = logits_are_plain_head(self.base)
+        return head if self._plain_head else None
+
+    def _usable_lm_head(self):
         head = self.base.get_output_embeddings()
         if type(head) is not nn.Linear or head.bias is not None:
             return None
@@ -242,6 +242,31 @@ class PrefixTunedModel(PrefixModelBase):
             past_key_values=generation_cache(key_values, self.base.config),
             **kwargs,
         )
+
+
+@torch.no_grad()
+def logits_are_plain_head(base) -> bool:
+    """Whether ``base``'s logits are exactly its LM head applied to its decoder output, which the chunked loss
+    assumes. Found by running two tokens both ways: Gemma 2's final soft-capping, Cohere's ``logit_scale`` and
+    Granite's ``logits_scaling`` make them differ, and those models take the ``logits_to_keep`` path.
+
+    Both runs are in train mode (in eval mode bitsandbytes repacks a CPU 4-bit weight for inference, which not every
+    shape allows) and draw the same dropout masks from the same forked RNG state."""
+    device = base.get_input_embeddings().weight.device
+    ids = torch.full((1, 2), min(3, base.config.get_text_config().vocab_size - 1), dtype=torch.long, device=device)
+    cuda = [device] if device.type == "cuda" else []
+    was_training = base.training
+    base.train()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            logits = base(input_ids=ids, use_cache=False).logits.float()
+            torch.manual_seed(0)
+            hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    finally:
+        base.train(was_training)
+    plain = F.linear(hidden, base.get_output_embeddings().weight).float()
+    return logits.shape == plain.shape and bool(torch.allclose(logits, plain, rtol=1e-4, atol=1e-4))
 
 
 LOSS_CHUNK_BYTES = 32 * 2**20
@@ -317,7 +342,7 @@ def new_prefix_config(model, pre_seq_len: int, prefix_projection: bool, prefix_h
         position_offset=position_offset,
         base_model_name_or_path=getattr(model.config, "_name_or_path", "") or "",
         **fields,
-        **model_geometry(model.config),
+        **model_geometry(model),
     )
 
 
@@ -325,7 +350,7 @@ def attach_prefix(model, pre_seq_len: int, prefix_projection: bool = False, pref
                   prefix_dropout: float = 0.0, position_offset: bool = True) -> PrefixTunedModel:
     """Freeze ``model`` and wrap it with a fresh prefix sized from its config."""
     config = new_prefix_config(model, pre_seq_len, prefix_projection, prefix_hidden_size, prefix_dropout,
-                               position_offset, base_architecture=check_architecture(model.config))
+                               position_offset, base_architecture=check_architecture(model.config, model))
     return PrefixTunedModel(model, config)
 
 

@@ -13,7 +13,9 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from .errors import UserError
 
 CONFIG_NAME = "prefix_config.json"
-FORMAT_VERSION = 1
+# 1: keys and values of one width (head_dim). 2: adds value_head_dim, which differs from head_dim for multi-head
+# latent attention; a version-1 file loads with value_head_dim = head_dim.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -23,7 +25,7 @@ class PrefixConfig:
     pre_seq_len: int
     num_layers: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # width of one key head as the attention caches it
     hidden_size: int
     prefix_projection: bool = False
     prefix_hidden_size: int = 512
@@ -40,19 +42,40 @@ class PrefixConfig:
     # before these fields existed load as causal_lm.
     task_type: str = "causal_lm"
     labels: list = field(default_factory=list)
+    # Width of one value head as the attention caches it; None (version-1 files) means head_dim.
+    value_head_dim: int | None = None
+
+    def __post_init__(self):
+        if self.value_head_dim is None:
+            self.value_head_dim = self.head_dim
+
+    @property
+    def key_dim(self) -> int:
+        """Keys of one layer for one token: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def value_dim(self) -> int:
+        """Values of one layer for one token: ``num_kv_heads * value_head_dim``."""
+        return self.num_kv_heads * self.value_head_dim
 
     @property
     def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+        """The key width of one layer (equal to the value width except under multi-head latent attention)."""
+        return self.key_dim
+
+    @property
+    def same_widths(self) -> bool:
+        return self.head_dim == self.value_head_dim
 
     @property
     def prefix_width(self) -> int:
         """Width of one prefix row: keys and values of every layer."""
-        return self.num_layers * 2 * self.kv_dim
+        return self.num_layers * (self.key_dim + self.value_dim)
 
     def to_json(self, path) -> None:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2, ensure_ascii=False)
+            json.dump({**dataclasses.asdict(self), "format_version": FORMAT_VERSION}, f, indent=2, ensure_ascii=False)
             f.write("\n")
 
     @classmethod
@@ -74,12 +97,33 @@ class PrefixConfig:
             raise UserError(f"{path}: {e}") from None
 
 
-def model_geometry(config) -> dict:
-    """Layer count, kv heads, head dim and hidden size of a transformers config (GQA/MQA aware)."""
+def model_geometry(config_or_model) -> dict:
+    """Layers, kv heads, key and value head widths, hidden size and vocab of a model.
+
+    A transformers config or model is asked what its attention caches (``ptuning.capability.probe``: one token on
+    the meta device), which refuses models a prefix cannot reach; anything else (a plain namespace of ChatGLM's
+    config.json fields) is read by attribute names.
+    """
+    from transformers import PreTrainedConfig
+
+    model = None if isinstance(config_or_model, PreTrainedConfig) or not hasattr(config_or_model, "config") \
+        else config_or_model
+    config = model.config if model is not None else config_or_model
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", None)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    if isinstance(config, PreTrainedConfig):
+        from .capability import probe
+
+        found = probe(config, model)
+        if found is not None:
+            shape = found.shape
+            if hidden is None and model is not None:
+                hidden = model.get_input_embeddings().weight.shape[1]
+            return dict(num_layers=len(found.layers), num_kv_heads=shape.kv_heads, head_dim=shape.key_dim,
+                        value_head_dim=shape.value_dim, hidden_size=int(hidden), vocab_size=vocab)
     num_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     num_heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     num_kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "multi_query_group_num", None)
     num_kv_heads = num_kv_heads or num_heads
     head_dim = getattr(text, "head_dim", None) or (hidden // num_heads)
@@ -87,8 +131,9 @@ def model_geometry(config) -> dict:
         num_layers=int(num_layers),
         num_kv_heads=int(num_kv_heads),
         head_dim=int(head_dim),
+        value_head_dim=int(head_dim),
         hidden_size=int(hidden),
-        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        vocab_size=vocab,
     )
 
 
@@ -97,10 +142,11 @@ class PrefixEncoder(nn.Module):
 
     Weights: ``embedding`` is ``[pre_seq_len, num_layers * 2 * kv_dim]`` without projection, or
     ``[pre_seq_len, hidden_size]`` followed by ``trans`` = Linear(hidden_size, prefix_hidden_size) → Tanh →
-    Linear(prefix_hidden_size, num_layers * 2 * kv_dim) with it (ChatGLM's names).
-    ``forward()`` returns the flat prefix ``[pre_seq_len, num_layers * 2 * kv_dim]``; along its last dim, block
-    ``2i`` holds the keys of layer ``i`` and block ``2i + 1`` its values, each ``kv_dim = num_kv_heads * head_dim``
-    wide (the ChatGLM/PEFT layout).
+    Linear(prefix_hidden_size, prefix_width) with it (ChatGLM's names).
+    ``forward()`` returns the flat prefix ``[pre_seq_len, prefix_width]``, ``prefix_width = num_layers * (key_dim +
+    value_dim)``; along its last dim, layer ``i`` holds its keys (``key_dim = num_kv_heads * head_dim``) and then its
+    values (``value_dim = num_kv_heads * value_head_dim``). When the two widths are equal this is the ChatGLM/PEFT
+    layout ``[pre_seq_len, num_layers * 2 * kv_dim]``.
     """
 
     def __init__(self, config: PrefixConfig):
@@ -125,7 +171,8 @@ class PrefixEncoder(nn.Module):
         return prefix
 
     def key_values(self, batch_size: int, dtype: torch.dtype, repeats: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (keys, values), each ``[batch_size * repeats, num_kv_heads, pre_seq_len, head_dim]``."""
+        """Per-layer (keys ``[batch_size * repeats, num_kv_heads, pre_seq_len, head_dim]``, values
+        ``[..., value_head_dim]``)."""
         return split_key_values(self(), self.config, batch_size * repeats, dtype, self.dropout)
 
 
@@ -137,8 +184,15 @@ def split_key_values(flat: torch.Tensor, config: PrefixConfig, batch_size: int, 
         flat = dropout(flat)
     flat = flat.to(dtype)
     c = config
-    kv = flat.view(batch_size, flat.shape[1], 2 * c.num_layers, c.num_kv_heads, c.head_dim).permute(2, 0, 3, 1, 4)
-    return [(kv[2 * i], kv[2 * i + 1]) for i in range(c.num_layers)]
+    p = flat.shape[1]
+    if c.same_widths:
+        kv = flat.view(batch_size, p, 2 * c.num_layers, c.num_kv_heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(c.num_layers)]
+    per_layer = flat.view(batch_size, p, c.num_layers, c.key_dim + c.value_dim)
+    keys = per_layer[..., : c.key_dim].reshape(batch_size, p, c.num_layers, c.num_kv_heads, c.head_dim)
+    values = per_layer[..., c.key_dim :].reshape(batch_size, p, c.num_layers, c.num_kv_heads, c.value_head_dim)
+    keys, values = keys.permute(2, 0, 3, 1, 4), values.permute(2, 0, 3, 1, 4)
+    return [(keys[i], values[i]) for i in range(c.num_layers)]
 
 
 class ReadOnlyPrefixLayer(DynamicLayer):

@@ -29,7 +29,7 @@ class MultiPrefixModel(nn.Module):
 
     def __init__(self, base: nn.Module, prefixes: Mapping[str, "str | PrefixTunedModel"] | None = None):
         super().__init__()
-        check_architecture(base.config)
+        check_architecture(base.config, base)
         base.requires_grad_(False)
         self.base = base
         self._prefixes: dict[str, tuple[PrefixConfig, torch.Tensor]] = {}
@@ -62,8 +62,8 @@ class MultiPrefixModel(nn.Module):
             raise UserError(f"prefix {name!r} is already loaded")
         if isinstance(source, PrefixTunedModel):
             config, flat = source.prefix_config, source.prefix_encoder()
-            geometry = model_geometry(self.base.config)
-            for key in ("num_layers", "num_kv_heads", "head_dim"):
+            geometry = model_geometry(self.base)
+            for key in ("num_layers", "num_kv_heads", "head_dim", "value_head_dim"):
                 if getattr(config, key) != geometry[key]:
                     raise UserError(f"prefix {name!r}: {key} is {getattr(config, key)} but the base model has "
                                     f"{geometry[key]}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 from torch.nn import functional as F
-from transformers import BertConfig
+from transformers import T5Config
 
 from ptuning.errors import UserError
 from ptuning.model import attach_prefix, check_architecture
@@ -147,9 +147,8 @@ def test_training_changes_only_the_prefix_and_loss_goes_down():
 
 
 def test_unsupported_architecture_is_named():
-    config = BertConfig()
-    config.architectures = ["BertForMaskedLM"]
-    with pytest.raises(UserError, match="BertForMaskedLM.*not supported"):
+    config = T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8)
+    with pytest.raises(UserError, match="'t5' is not supported: it is an encoder-decoder model"):
         check_architecture(config)
 
 
