@@ -150,6 +150,18 @@ def test_export_and_reload_give_identical_logits(name, tmp_path):
     check_export_reload(name, tmp_path)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_decode_gives_generates_tokens(name):
+    """predict/evaluate/chat decode through ptuning.decode: the same greedy tokens as generate(), left padding too."""
+    from ptuning import decode
+
+    model = prefixed(name)
+    ids, mask, _ = batch(left_pad=2)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(decode.generate(model, ids, mask, **kwargs), model.generate(ids, mask, **kwargs))
+
+
 # ------------------------------------------------------------------------------------------------ what the probe finds
 
 
