@@ -403,11 +403,13 @@ def test_plan_command_on_an_mla_moe_config(tmp_path, capsys):
     assert "heads × 16 (values 4)" in capsys.readouterr().out
 
 
-def test_docs_table_lists_every_family_of_the_matrix_and_no_failure():
-    """docs/models.md's table comes from scripts/families_table.py; regenerate it when a family is added."""
+@pytest.mark.parametrize("page", ["docs/models.md", "README.md"])
+def test_docs_table_lists_every_family_of_the_matrix_and_no_failure(page):
+    """The tables come from scripts/families_table.py; regenerate them (--write PAGE) when a family is added."""
     import os
 
-    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "models.md"), encoding="utf-8").read()
+    text = open(os.path.join(os.path.dirname(__file__), "..", page), encoding="utf-8").read()
+    text = text.split("<!-- families table: begin")[1].split("<!-- families table: end -->")[0]
     rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line.split("|")[2]]
     assert sorted(line.split("|")[1].split(" (")[0].strip() for line in rows) == sorted(FAMILIES)
     assert "FAIL" not in text
