@@ -12,6 +12,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from torch.nn import functional as F
 
 from families import FAMILIES, REFUSED, family_config, family_model, refused_config
+from tiny_models import batch  # same vocabulary (128) as the family configs
 from ptuning.errors import UserError
 from ptuning.export import load_prefix, save_prefix
 from ptuning.model import attach_prefix, check_architecture, load_base_model
@@ -29,19 +30,6 @@ def prefixed(name, seed=0, **kw):
     for p in model.prefix_encoder.parameters():
         torch.nn.init.normal_(p, std=0.5)
     return model
-
-
-def batch(batch_size=2, seq_len=9, left_pad=0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (batch_size, seq_len), generator=g)
-    mask = torch.ones_like(ids)
-    if left_pad:
-        mask[1, :left_pad] = 0
-        ids[1, :left_pad] = 0
-    labels = ids.clone()
-    labels[:, : seq_len // 3] = -100
-    labels[mask == 0] = -100
-    return ids, mask, labels
 
 
 # ------------------------------------------------------------------------------------------------ the five checks
