@@ -44,7 +44,7 @@ def _fold(text: str) -> str:
 def messages(prompt: str, reply: str | None = None) -> list[dict]:
     turns = [{"role": "user", "content": prompt}]
     if reply is not None:
-        turns.append({"role": "assistant", "content": reply})
+        turns.append({"role": "assistant", "content": reply, "loss": True})
     return turns
 
 
@@ -164,8 +164,8 @@ TASKS = {
                    reply_facts={work: AUTHOR_NAMES.get(a, a) for work, a in AUTHORS}),
 }
 
-# Unrelated prompts for out-of-task retention. EVAL ones are only ever generated from; TRAIN ones may feed the
-# retention/KL levers (disjoint, so the harness does not grade a lever on the prompts it trained on).
+# Unrelated prompts for out-of-task retention, only ever generated from: disjoint from
+# ptuning.distill.DEFAULT_RETENTION_PROMPTS, so the harness does not grade the KL lever on prompts it trained on.
 GENERAL_EVAL = [
     "Give me three tips for sleeping better.",
     "Write a haiku about the ocean.",
@@ -177,15 +177,4 @@ GENERAL_EVAL = [
     "Tell me a fun fact about octopuses.",
     "Write a short thank-you note to a teacher.",
     "Why is the sky blue?",
-]
-GENERAL_TRAIN = [
-    "How can I be more productive in the morning?", "Write a two-line poem about autumn.", "What is 15 plus 27?",
-    "Explain gravity to a child.", "Give me a recipe idea for dinner.", "What are the benefits of drinking water?",
-    "Describe a cat in three words.", "How do airplanes fly?", "Write a short birthday message for a friend.",
-    "What is the difference between weather and climate?", "List three primary colors.",
-    "How do I start learning to code?", "Tell me a joke about computers.", "What makes a good leader?",
-    "Summarize the story of Cinderella in two sentences.", "Why do leaves change color in the fall?",
-    "Give me an idea for a weekend hobby.", "How many days are in a leap year?", "What is a healthy breakfast?",
-    "Write a motivational sentence for a student.", "How does a rainbow form?", "What is the boiling point of water?",
-    "Suggest a title for a mystery novel.", "How can I save money on groceries?",
 ]
