@@ -114,7 +114,8 @@ class PtuningTrainingArguments(Seq2SeqTrainingArguments):
     prefix_init_text: str | None = field(
         default=None,
         metadata={"help": "Start the prefix from the base model's keys/values of this text (e.g. an instruction for "
-                          "the task), truncated/repeated to --pre_seq_len tokens, instead of random values."},
+                          "the task), truncated/repeated to --pre_seq_len tokens, instead of random values; auto: the first "
+                          "training examples' tokens."},
     )
     kl_weight: float = field(
         default=0.0,

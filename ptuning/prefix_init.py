@@ -41,9 +41,26 @@ def text_key_values(base, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(blocks, dim=-1)
 
 
-def init_prefix_from_text(model, tokenizer, text: str) -> list[int]:
-    """Overwrite ``model``'s prefix with the K/V of ``text``; returns the token ids used. Needs the plain prefix
-    (no ``--prefix_projection``: an MLP's output cannot be set to chosen values by copying)."""
+AUTO = "auto"
+
+
+def example_ids(rows_input_ids, pre_seq_len: int) -> list[int]:
+    """``--prefix_init_text auto``: the first training examples' tokens, back to back, cut to ``pre_seq_len``, so the
+    prefix starts as the base model that has just read a few worked examples of the task."""
+    ids: list[int] = []
+    for row in rows_input_ids:
+        ids += list(row)
+        if len(ids) >= pre_seq_len:
+            break
+    if not ids:
+        raise UserError("--prefix_init_text auto: the training set is empty")
+    return (ids * (pre_seq_len // len(ids) + 1))[:pre_seq_len]
+
+
+def init_prefix_from_text(model, tokenizer, text: str, examples=None) -> list[int]:
+    """Overwrite ``model``'s prefix with the K/V of ``text`` (or, for ``"auto"``, of the token id lists
+    ``examples``); returns the token ids used. Needs the plain prefix (no ``--prefix_projection``: an MLP's output
+    cannot be set to chosen values by copying)."""
     config = model.prefix_config
     if config.prefix_projection:
         raise UserError("--prefix_init_text: not available with --prefix_projection (the MLP's output cannot be set "
@@ -52,7 +69,10 @@ def init_prefix_from_text(model, tokenizer, text: str) -> list[int]:
         logger.warning("--prefix_init_text with --position_offset false: the text's keys were computed at positions "
                        "0..%d, which the input's first tokens reuse, so step 0 only approximates the prompted model",
                        config.pre_seq_len - 1)
-    ids = init_text_ids(tokenizer, text, config.pre_seq_len)
+    if text == AUTO:
+        ids = example_ids(examples or [], config.pre_seq_len)
+    else:
+        ids = init_text_ids(tokenizer, text, config.pre_seq_len)
     embedding = model.prefix_encoder.embedding.weight
     was_training = model.base.training
     model.base.eval()

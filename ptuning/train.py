@@ -403,7 +403,8 @@ def apply_quality_levers(trainer: PrefixTrainer, tokenizer, args) -> None:
     if getattr(args, "prefix_init_text", None):
         from .prefix_init import init_prefix_from_text
 
-        init_prefix_from_text(model, tokenizer, args.prefix_init_text)
+        examples = trainer.train_dataset["input_ids"][:64] if trainer.train_dataset is not None else None
+        init_prefix_from_text(model, tokenizer, args.prefix_init_text, examples)
     if getattr(args, "kl_weight", 0.0):
         from .distill import RetentionDistiller, retention_conversations
 

@@ -54,3 +54,23 @@ def test_refused_with_projection_and_empty_text():
         init_prefix_from_text(model, tokenizer, "abcd")
     with pytest.raises(UserError, match="no tokens"):
         init_prefix_from_text(attach_prefix(tiny_model("llama"), pre_seq_len=4), tokenizer, "")
+
+
+def test_auto_starts_from_the_first_training_examples(tmp_path):
+    from ptuning.args import PtuningTrainingArguments
+    from ptuning.data import Collator, encode_dataset
+    from ptuning.train import PrefixTrainer, apply_quality_levers
+    from tiny_models import CHATML
+
+    tokenizer = make_tokenizer(CHATML)
+    rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": a, "loss": True}]
+            for q, a in (("q1", "a1"), ("q22", "a22"))]
+    data = encode_dataset(rows, "t", tokenizer, 32, 8)
+    first_two = data["input_ids"][0] + data["input_ids"][1]
+    model = attach_prefix(tiny_model("llama", vocab_size=len(tokenizer)), pre_seq_len=len(first_two) - 3).eval()
+    args = PtuningTrainingArguments(output_dir=str(tmp_path), prefix_init_text="auto", use_cpu=True, report_to="none")
+    trainer = PrefixTrainer(model=model, args=args, train_dataset=data,
+                            data_collator=Collator(pad_token_id=tokenizer.pad_token_id))
+    apply_quality_levers(trainer, tokenizer, args)
+    expected = text_key_values(model.base, torch.tensor(first_two[: len(first_two) - 3]))
+    assert torch.equal(model.prefix_encoder.embedding.weight.data, expected)
