@@ -58,6 +58,7 @@ METHODS = {
     "ours_init_lr1e-3": dict(kind="ours", lr=1e-3, init="text"),
     "ours_init_lr1e-2": dict(kind="ours", lr=1e-2, init="text"),
     "ours_init_kl": dict(kind="ours", lr=3e-3, init="text", kl=1.0),
+    "ours_init_kl4": dict(kind="ours", lr=3e-3, init="text", kl=4.0),
     "ours_init16": dict(kind="ours", lr=3e-3, init="text", pre_seq_len=16),
     "peft_prefix": dict(kind="peft_prefix", lr=2e-2, pre_seq_len=16),
     "peft_lora": dict(kind="peft_lora", lr=2e-3, r=8),
