@@ -111,6 +111,11 @@ class PtuningTrainingArguments(Seq2SeqTrainingArguments):
     )
 
     # ---- learning-quality levers (issue 17; measured in bench/results/quality.md, see docs/quality.md)
+    learning_rate: float = field(
+        default=3e-2,
+        metadata={"help": "Peak learning rate. A random prefix needs ~3e-2 (at the Trainer's 5e-5 it never trains its "
+                          "noise away: 0%% format, 0%% facts); with --prefix_init_text use ~3e-3."},
+    )
     prefix_init_text: str | None = field(
         default=None,
         metadata={"help": "Start the prefix from the base model's keys/values of this text (e.g. an instruction for "
