@@ -112,6 +112,28 @@ class PtuningTrainingArguments(Seq2SeqTrainingArguments):
         metadata={"help": "Integrations to log to; auto = tensorboard when it is installed, else none."},
     )
 
+    # ---- learning-quality levers (issue 17; measured in bench/results/quality.md, see docs/quality.md)
+    learning_rate: float = field(
+        default=3e-2,
+        metadata={"help": "Peak learning rate. A random prefix needs ~3e-2 (at the Trainer's 5e-5 it never trains its "
+                          "noise away: 0%% format, 0%% facts); with --prefix_init_text use ~3e-3."},
+    )
+    prefix_init_text: str | None = field(
+        default=None,
+        metadata={"help": "Start the prefix from the base model's keys/values of this text (e.g. an instruction for "
+                          "the task), truncated/repeated to --pre_seq_len tokens, instead of random values; auto: the first "
+                          "training examples' tokens."},
+    )
+    kl_weight: float = field(
+        default=0.0,
+        metadata={"help": "Self-distillation: add this weight times KL(base || prefixed) on the base model's own "
+                          "replies to --retention_file prompts, to keep out-of-task behaviour."},
+    )
+    retention_file: str | None = field(
+        default=None, metadata={"help": "Prompts (any training-data format; replies are ignored) for --kl_weight."}
+    )
+    retention_rows: int = field(default=4, metadata={"help": "Retention conversations per step with --kl_weight."})
+
     def __post_init__(self):
         if self.report_to == "auto" or self.report_to == ["auto"]:
             from transformers.integrations import is_tensorboard_available

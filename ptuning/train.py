@@ -135,6 +135,18 @@ class PrefixTrainer(Seq2SeqTrainer):
                 manager._enable_checkpoint = lambda: setattr(self, "_sigterm_pending", True)
                 self.add_callback(_SigtermSync(self))
 
+    distiller = None  # a ptuning.distill.RetentionDistiller adds its KL term to every training loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.distiller is None or not model.training:
+            return out
+        # The task loss is already divided over the accumulated micro-batches when it is normalised by
+        # num_items_in_batch (the Trainer then does not divide it again); the KL term must be too.
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        kl = self.distiller.loss(self.prefix_model) / (self.current_gradient_accumulation_steps if scaled else 1)
+        return (out[0] + kl, out[1]) if return_outputs else out + kl
+
     @property
     def prefix_model(self) -> PrefixTunedModel:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -394,6 +406,21 @@ def train_resumably(trainer: PrefixTrainer, args):
     return result
 
 
+def apply_quality_levers(trainer: PrefixTrainer, tokenizer, args) -> None:
+    """``--prefix_init_text`` and ``--kl_weight`` (see ptuning.prefix_init and ptuning.distill)."""
+    model = trainer.prefix_model
+    if getattr(args, "prefix_init_text", None):
+        from .prefix_init import init_prefix_from_text
+
+        examples = trainer.train_dataset["input_ids"][:64] if trainer.train_dataset is not None else None
+        init_prefix_from_text(model, tokenizer, args.prefix_init_text, examples)
+    if getattr(args, "kl_weight", 0.0):
+        from .distill import RetentionDistiller, retention_conversations
+
+        trainer.distiller = RetentionDistiller(model, tokenizer, retention_conversations(args.retention_file),
+                                               args.kl_weight, args.retention_rows, seed=args.seed)
+
+
 def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) -> PrefixTrainer:
     """Train with Trainer, then export the prefix into ``output_dir`` (once, from the main process)."""
     if args.world_size > 1:
@@ -407,6 +434,7 @@ def run_training(model: PrefixTunedModel, tokenizer, train_set, eval_set, args) 
         eval_dataset=eval_set,
         data_collator=Collator(pad_token_id=tokenizer.pad_token_id, padding_side="right"),
     )
+    apply_quality_levers(trainer, tokenizer, args)
     result = train_resumably(trainer, args)
     trainer.save_model(args.output_dir)
     trainer.log_metrics("train", result.metrics)
