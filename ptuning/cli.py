@@ -78,6 +78,7 @@ TRAIN_HELP = (
         "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "activation_checkpointing",
         "bf16", "fp16", "deepspeed", "logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
         "seed", "use_cpu", "report_to")),
+    ("Keeping what the model knew (docs/quality.md)", ("prefix_init_text", "kl_weight", "retention_file")),
     ("Generation (--do_predict, --prompt, previews)", ("prompt", "preview_samples", "predict_batch_size")
      + SAMPLING_FLAGS),
 )
@@ -128,7 +129,7 @@ SHORT_HELP = {
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
     "logging_steps": "Log the loss every N steps.",
     "seed": "Random seed (prefix initialisation, data order, sampling).",
-    "learning_rate": "Peak learning rate (a prefix wants ~1e-2, far above full fine-tuning's).",
+    "learning_rate": "Peak learning rate; a random prefix wants ~1e-2..3e-2, far above full fine-tuning's.",
     "num_train_epochs": "Epochs over --train_file.",
     "no_position_offset": "Count token positions from 0 after the prefix, as ChatGLM's P-tuning does.",
 }

@@ -219,10 +219,41 @@ def check_modes(model_args, data_args, training_args) -> None:
             raise UserError(f"--{mode} needs --{flag}")
 
 
+def check_quality_levers(model_args, prefix_args, training_args) -> None:
+    """--prefix_init_text and --kl_weight (ptuning.prefix_init, ptuning.distill), refused where they cannot apply."""
+    init, kl = getattr(training_args, "prefix_init_text", None), getattr(training_args, "kl_weight", 0.0)
+    if not (init or kl or getattr(training_args, "retention_file", None)):
+        return
+    if model_args.task_type != "causal_lm":
+        raise UserError(f"--prefix_init_text / --kl_weight: only for causal_lm prefixes, not --task_type "
+                        f"{model_args.task_type}")
+    if init and model_args.ptuning_checkpoint:
+        raise UserError("--prefix_init_text: would overwrite the prefix loaded from --ptuning_checkpoint; drop one")
+    if init and prefix_args.prefix_projection:
+        raise UserError("--prefix_init_text: sets the prefix's keys/values directly, which --prefix_projection "
+                        "reparameterises through an MLP; drop one")
+    if kl < 0:
+        raise UserError(f"--kl_weight: expected a value >= 0, got {kl}")
+    _at_least("retention_rows", training_args.retention_rows, 1)
+    if kl:
+        from .memory import zero_stage
+
+        if zero_stage(training_args.deepspeed) == 3:
+            raise UserError("--kl_weight: the base writes its own replies to the retention prompts before training, "
+                            "which ZeRO-3's partitioned base cannot do; use ZeRO-2 or plain DDP")
+    if getattr(training_args, "retention_file", None):
+        if not kl:
+            raise UserError("--retention_file: only used with --kl_weight > 0")
+        from .distill import retention_conversations
+
+        retention_conversations(training_args.retention_file)  # a bad file is named before any weight loads
+
+
 def validate_flags(model_args, prefix_args, data_args, training_args, cuda_available: bool = False,
                    world_size: int = 1) -> None:
     """Checks every task type shares (causal LM and NLU): numbers, precision, quantization, DeepSpeed, output."""
     check_numbers(model_args, prefix_args, data_args, training_args)
+    check_quality_levers(model_args, prefix_args, training_args)
     check_quantization(model_args, training_args)
     check_dtype(model_args)
     check_precision(training_args, cuda_available)
