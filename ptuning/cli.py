@@ -94,11 +94,9 @@ COMMANDS = {
                      ("Conversation", ("system_prompt", "history_file", "max_source_length", "seed")),
                      ("Generation", SAMPLING_FLAGS))),
     "convert": Command(_convert, "convert prefix checkpoints: ChatGLM P-tuning -> ours, PEFT prefix tuning <-> ours"),
-    "serve": Command(_serve, "an OpenAI-compatible server: the base and many prefixes on it, batched together "
-                             "(--web adds the chat page)"),
-    "web": Command(_web, "the same server with a Gradio chat page at / (pick a prefix, compare it with the base)"),
-    "plan": Command(_plan, "predict a training run's peak GPU memory from its flags, without loading weights "
-                           "(exit 1 when it does not fit --gpu_memory)",
+    "serve": Command(_serve, "OpenAI-compatible server: the base and many prefixes, batched together"),
+    "web": Command(_web, "the same server with a chat page at / (pick a prefix, compare it with the base)"),
+    "plan": Command(_plan, "predict a run's peak GPU memory from its flags, no weights loaded (exit 1: won't fit)",
                     (("Model", ("model_name_or_path", "torch_dtype", "quantization_bit", "quant_type", "double_quant",
                                 "trust_remote_code")),
                      ("Run", ("per_device_train_batch_size", "max_source_length", "max_target_length", "pre_seq_len",
@@ -201,8 +199,8 @@ def short_help(command: str | None = None) -> str:
         for flag, text in rows:
             lines += textwrap.wrap(text, HELP_WIDTH, initial_indent=f"  {flag:<{width - 2}}",
                                    subsequent_indent=" " * width)
-    lines += ["", f"Every flag (all of transformers' TrainingArguments too): {prog} --help_all",
-              "Documentation: README.md and docs/."]
+    lines += ["", f"Every flag (all of transformers' TrainingArguments too): {prog} --help_all; documentation: "
+                  "README.md, docs/."]
     return "\n".join(lines)
 
 

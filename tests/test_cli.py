@@ -24,7 +24,7 @@ def help_text(capsys, argv) -> str:
 def test_help_fits_on_a_screen_or_two_and_names_every_command(capsys):
     text = help_text(capsys, ["--help"])
     lines = text.splitlines()
-    assert 40 <= len(lines) <= 90 and max(map(len, lines)) <= 120
+    assert 40 <= len(lines) <= 100 and max(map(len, lines)) <= 120  # two screens at most
     for name in cli.COMMANDS:
         assert f"\n  {name} " in text
     for flag in ("--model_name_or_path DIR|HUB_ID", "--pre_seq_len N", "--train_file FILE", "--learning_rate X",
