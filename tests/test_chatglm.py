@@ -360,6 +360,23 @@ def test_main_trains_exports_and_predicts_on_an_original_directory(tmp_path):
         assert len(f.read().strip().splitlines()) == len(rows)
 
 
+def test_train_sh_with_model_set_to_an_original_directory(tmp_path):
+    """`MODEL=/models/chatglm3-6b bash scripts/train.sh`: the habit ChatGLM users bring, on a tiny original ChatGLM3."""
+    rows = [{"prompt": "你好", "response": "Hello world!"}, {"prompt": "价格？", "response": "42 元"}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    env = dict(os.environ, PTUNING_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MODEL=fixture("chatglm3"),
+               TRAIN_FILE=str(data), TEST_FILE=str(data), OUTPUT_DIR=str(tmp_path / "run"), PRE_SEQ_LEN="4",
+               MAX_STEPS="2", BATCH_SIZE="2", MAX_SOURCE_LENGTH="16", MAX_TARGET_LENGTH="4", LR="1e-2")
+    run = subprocess.run(["bash", "scripts/train.sh", "--max_new_tokens", "8"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    assert "converting it once to GlmForCausalLM" in run.stdout
+    assert "=== greedy generations after training ===" in run.stdout
+    with open(tmp_path / "run" / "generated_predictions.jsonl", encoding="utf-8") as f:
+        assert len(f.read().strip().splitlines()) == len(rows)
+
+
 # ---------------------------------------------------------------- memory
 
 
